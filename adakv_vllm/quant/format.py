@@ -1,0 +1,271 @@
+"""THE byte layout of mixed-precision KV records and pages. No other module knows a byte offset.
+
+A *record* holds one vector of `head_size` elements (the key or the value of one token in one KV
+head) at one precision:
+
+    quantized (2/4/8 bits)                                   FP16 (16 bits)
+    +----------------------+-------------+-------------+     +-------------------------+
+    | codes                | scales      | mins        |     | head_size x 2 bytes,    |
+    | head_size*bits/8 B   | fp16 x G    | fp16 x G    |     | the model's 16-bit dtype|
+    +----------------------+-------------+-------------+     +-------------------------+
+    G = head_size / group_size groups; element i of a group decodes as code*scale + min.
+
+Codes are packed little-endian inside a byte: element j of a byte occupies bits
+[j*bits, (j+1)*bits), so byte b holds elements b*per_byte ... b*per_byte + per_byte - 1.
+
+A *page* is the bytes of one vLLM block in one layer (all KV heads). It is written once, when the
+block seals, and never rewritten:
+
+    0             header_bytes                                              page_bytes
+    +-------------+--------------------+--------------------+-----+--------+
+    | bit map     | head 0 region      | head 1 region      | ... | slack  |
+    +-------------+--------------------+--------------------+-----+--------+
+    bit map: one byte per token position; low nibble = key precision code, high nibble = value
+             precision code (Precision.code). Padded to a multiple of HEADER_ALIGN.
+    head region: the key records of the block's tokens, then their value records. Inside each,
+             records are ordered by precision code ascending, ties by token position, so a record's
+             offset follows from the bit map alone. Every head region has the same size.
+
+The page budget is fixed by the user's target average bits (`page_bytes_for_target`); the seal
+planner must choose bits whose records fit (`fits`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from adakv_vllm.quant.precision import PRECISIONS, Precision
+
+# Scale and min are stored as fp16: 2 bytes each.
+PARAM_BYTES = 2
+# The bit map is padded so the first record starts on a 16-byte boundary (vector loads).
+HEADER_ALIGN = 16
+# Pages are rounded up to this many bytes so page starts stay aligned inside vLLM's tensor.
+PAGE_ALIGN = 16
+
+SUPPORTED_GROUP_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
+MIN_HEAD_SIZE, MAX_HEAD_SIZE, HEAD_SIZE_MULTIPLE = 32, 256, 16
+# The 16-bit dtypes whose bytes an FP16 record stores verbatim.
+STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def check_head_size(head_size: int) -> None:
+    if not (MIN_HEAD_SIZE <= head_size <= MAX_HEAD_SIZE and head_size % HEAD_SIZE_MULTIPLE == 0):
+        raise ValueError(
+            f"unsupported head_size {head_size}: AdaKV supports multiples of {HEAD_SIZE_MULTIPLE} "
+            f"from {MIN_HEAD_SIZE} to {MAX_HEAD_SIZE}"
+        )
+
+
+def check_group_size(head_size: int, group_size: int) -> None:
+    if group_size not in SUPPORTED_GROUP_SIZES or head_size % group_size != 0:
+        allowed = [g for g in SUPPORTED_GROUP_SIZES if head_size % g == 0]
+        raise ValueError(
+            f"group_size {group_size} is not supported for head_size {head_size}; allowed: {allowed}"
+        )
+
+
+def elements_per_byte(p: Precision) -> int:
+    assert p.is_quantized
+    return 8 // p.bits
+
+
+def code_mask(p: Precision) -> int:
+    return (1 << p.bits) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordLayout:
+    """Sizes of the record of one `head_size` vector at each precision."""
+
+    head_size: int
+    group_size: int
+
+    def __post_init__(self) -> None:
+        check_head_size(self.head_size)
+        check_group_size(self.head_size, self.group_size)
+
+    @property
+    def num_groups(self) -> int:
+        return self.head_size // self.group_size
+
+    def codes_bytes(self, p: Precision) -> int:
+        return self.head_size * p.bits // 8
+
+    def params_bytes(self, p: Precision) -> int:
+        """Bytes of the per-group scales plus mins (zero for FP16)."""
+        return 2 * self.num_groups * PARAM_BYTES if p.is_quantized else 0
+
+    def record_bytes(self, p: Precision) -> int:
+        return self.codes_bytes(p) + self.params_bytes(p)
+
+    def scales_offset(self, p: Precision) -> int:
+        assert p.is_quantized
+        return self.codes_bytes(p)
+
+    def mins_offset(self, p: Precision) -> int:
+        assert p.is_quantized
+        return self.codes_bytes(p) + self.num_groups * PARAM_BYTES
+
+    def interpolated_bytes(self, bits: float) -> float:
+        """Record bytes at a fractional average precision: linear between neighbouring precisions.
+
+        This is the per-token byte cost a page budget grants at `bits`; e.g. 3 bits buys the
+        bytes of half a 2-bit and half a 4-bit record.
+        """
+        if not PRECISIONS[0].bits <= bits <= PRECISIONS[-1].bits:
+            raise ValueError(f"target bits must be within [2, 16], got {bits}")
+        for lo, hi in zip(PRECISIONS, PRECISIONS[1:], strict=False):
+            if lo.bits <= bits <= hi.bits:
+                w = (bits - lo.bits) / (hi.bits - lo.bits)
+                return (1 - w) * self.record_bytes(lo) + w * self.record_bytes(hi)
+        raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass(frozen=True)
+class PageLayout:
+    """Byte layout of one page: one block of `block_size` tokens, one layer, all KV heads."""
+
+    block_size: int
+    num_kv_heads: int
+    record: RecordLayout
+    page_bytes: int
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.num_kv_heads < 1:
+            raise ValueError("block_size and num_kv_heads must be positive")
+        if self.page_bytes < self.min_page_bytes:
+            raise ValueError(
+                f"page_bytes {self.page_bytes} cannot hold a page of all-2-bit records "
+                f"(needs {self.min_page_bytes})"
+            )
+
+    @property
+    def header_bytes(self) -> int:
+        return _align(self.block_size, HEADER_ALIGN)
+
+    @property
+    def min_page_bytes(self) -> int:
+        lowest = PRECISIONS[0]
+        return self.header_bytes + self.num_kv_heads * self.block_size * 2 * self.record.record_bytes(lowest)
+
+    def region_bytes(self, key_bits: torch.Tensor, value_bits: torch.Tensor) -> int:
+        """Bytes of one head's region for the given per-token precisions.
+
+        key_bits, value_bits: [num_tokens] integer bit-widths (num_tokens <= block_size).
+        """
+        return sum(
+            int(self.record.record_bytes(p)) * int((key_bits == p.bits).sum() + (value_bits == p.bits).sum())
+            for p in PRECISIONS
+        )
+
+    def used_bytes(self, key_bits: torch.Tensor, value_bits: torch.Tensor) -> int:
+        return self.header_bytes + self.num_kv_heads * self.region_bytes(key_bits, value_bits)
+
+    def fits(self, key_bits: torch.Tensor, value_bits: torch.Tensor) -> bool:
+        return self.used_bytes(key_bits, value_bits) <= self.page_bytes
+
+    def record_order(self, bits: torch.Tensor) -> torch.Tensor:
+        """Token positions in record order: by precision ascending, ties by position.
+
+        bits: [num_tokens] integer bit-widths. Returns [num_tokens] int64 positions.
+        """
+        return torch.sort(bits.to(torch.int64), stable=True).indices
+
+    def class_spans(self, bits: torch.Tensor, start: int) -> list[tuple[Precision, int, int, int]]:
+        """Where each precision's records lie, for records laid in `record_order` from `start`.
+
+        Returns (precision, first record index, record count, byte offset) per non-empty class.
+        """
+        spans, index, offset = [], 0, start
+        for p in PRECISIONS:
+            count = int((bits == p.bits).sum())
+            if count:
+                spans.append((p, index, count, offset))
+                index += count
+                offset += count * self.record.record_bytes(p)
+        return spans
+
+    def head_region_offset(self, head: int, region_bytes: int) -> int:
+        return self.header_bytes + head * region_bytes
+
+
+def page_bytes_for_target(
+    block_size: int, num_kv_heads: int, record: RecordLayout, key_bits: float, value_bits: float
+) -> int:
+    """The page size that grants every token, on average, `key_bits`/`value_bits` precision."""
+    per_token = record.interpolated_bytes(key_bits) + record.interpolated_bytes(value_bits)
+    header = _align(block_size, HEADER_ALIGN)
+    return _align(header + math.ceil(num_kv_heads * block_size * per_token), PAGE_ALIGN)
+
+
+def encode_bit_map(key_bits: torch.Tensor, value_bits: torch.Tensor, header_bytes: int) -> torch.Tensor:
+    """key_bits, value_bits: [num_tokens] bit-widths -> [header_bytes] uint8 bit map."""
+    out = torch.zeros(header_bytes, dtype=torch.uint8)
+    n = key_bits.numel()
+    out[:n] = (_to_codes(key_bits) | (_to_codes(value_bits) << 4)).to(torch.uint8)
+    return out
+
+
+def decode_bit_map(header: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """header: [..., >= num_tokens] uint8 -> (key_bits, value_bits), each [..., num_tokens] int64."""
+    raw = header[..., :num_tokens].to(torch.int64)
+    bits = torch.tensor([p.bits for p in PRECISIONS], dtype=torch.int64)
+    return bits[raw & 0xF], bits[raw >> 4]
+
+
+def _to_codes(bits: torch.Tensor) -> torch.Tensor:
+    bits = bits.to(torch.int64)
+    codes = torch.full_like(bits, -1)
+    for p in PRECISIONS:
+        codes[bits == p.bits] = p.code
+    if (codes < 0).any():
+        raise ValueError(f"bits must be in {[p.bits for p in PRECISIONS]}, got {bits.unique().tolist()}")
+    return codes
+
+
+def pack_codes(codes: torch.Tensor, p: Precision) -> torch.Tensor:
+    """codes: [..., head_size] uint8 in [0, 2**bits) -> [..., head_size*bits/8] uint8."""
+    per_byte = elements_per_byte(p)
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * p.bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, p: Precision) -> torch.Tensor:
+    """packed: [..., head_size*bits/8] uint8 -> [..., head_size] uint8 codes."""
+    per_byte = elements_per_byte(p)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * p.bits
+    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & code_mask(p)
+    return c.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+
+
+def split_record(records: torch.Tensor, layout: RecordLayout, p: Precision):
+    """records: [n, record_bytes] uint8 -> (packed codes [n, codes_bytes] uint8,
+    scales [n, num_groups] fp16, mins [n, num_groups] fp16). Quantized precisions only."""
+    g = layout.num_groups
+    a, b = layout.scales_offset(p), layout.mins_offset(p)
+    codes = records[:, :a]
+    scales = records[:, a:b].contiguous().view(torch.float16).reshape(-1, g)
+    mins = records[:, b : b + g * PARAM_BYTES].contiguous().view(torch.float16).reshape(-1, g)
+    return codes, scales, mins
+
+
+def join_record(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Inverse of split_record: -> [n, record_bytes] uint8."""
+    n = packed.shape[0]
+    return torch.cat(
+        [
+            packed,
+            scales.contiguous().view(torch.uint8).reshape(n, -1),
+            mins.contiguous().view(torch.uint8).reshape(n, -1),
+        ],
+        dim=1,
+    )
