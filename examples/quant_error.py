@@ -3,7 +3,8 @@
 Runs the embedded model (transformers, bf16) over WikiText-2 test text, takes the post-RoPE keys and
 the values of every layer (what vLLM caches), and prints ||x - x^|| / ||x|| for each precision with:
   token-gG      per-token asymmetric RTN, groups of G channels (the record format's quantizer)
-  rot-token-gG  the same after the fixed Hadamard rotation (keys only; q is rotated alike at read)
+  rot-token-gG  the same after the fixed Hadamard rotation (keys: q is rotated alike at read time;
+                values: the attention output is rotated back)
   channel-pP    per-channel keys: each channel quantized over the P tokens of a page (KIVI-like)
 Usage: python examples/quant_error.py [--tokens 1024] [--data ../shared/data/wikitext2/wiki.test.raw]
 """
@@ -50,7 +51,8 @@ def per_head(fn, x: torch.Tensor) -> torch.Tensor:
 def methods(page: int):
     for g in (16, 32, 64):
         yield f"token-g{g}", lambda x, p, g=g: fake_quantize(x, p, g), False
-    yield "rot-token-g32", lambda x, p: fake_quantize(x, p, 32), True
+    for g in (16, 32):
+        yield f"rot-token-g{g}", lambda x, p, g=g: fake_quantize(x, p, g), True
     yield f"channel-p{page}", lambda x, p: per_head(lambda h: fake_quantize_channels(h, p, page), x), False
 
 
@@ -75,12 +77,10 @@ def main() -> None:
     print(f"{'method':<16}" + "".join(f"{'K@' + str(p.bits):>9}{'V@' + str(p.bits):>9}" for p in QUANTIZED))
     for name, fn, rotated in methods(args.page):
         row = f"{name:<16}"
+        k, v = (rotate(keys), rotate(values)) if rotated else (keys, values)
         for p in QUANTIZED:
-            k = rotate(keys) if rotated else keys
             row += f"{rel_error(k, fn(k, p)):>9.4f}"
-            row += (
-                f"{rel_error(values, fn(values, p)):>9.4f}" if not name.startswith("channel") else f"{'-':>9}"
-            )
+            row += f"{rel_error(v, fn(v, p)):>9.4f}" if not name.startswith("channel") else f"{'-':>9}"
         print(row)
 
 
