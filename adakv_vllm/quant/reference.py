@@ -20,6 +20,7 @@ import torch
 
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import Precision
+from adakv_vllm.quant.rotation import rotate
 
 MAX_QUANTIZED_ABS = 32768.0
 ERROR_ABS_SLACK = 2.0**-20
@@ -132,8 +133,9 @@ def pack_page(
     value: torch.Tensor,
     key_bits: torch.Tensor,
     value_bits: torch.Tensor,
+    rotate_keys: bool = False,
 ) -> torch.Tensor:
-    """Seal one page.
+    """Seal one page. With rotate_keys, quantized key records hold rotated keys (16-bit ones never).
 
     key, value: [num_tokens, num_kv_heads, head_size] fp16/bf16 (num_tokens <= block_size)
     key_bits, value_bits: [num_tokens] bit-widths
@@ -155,17 +157,25 @@ def pack_page(
     region = layout.region_bytes(key_bits, value_bits)
     for head in range(h):
         start = layout.head_region_offset(head, region)
-        for x, bits in ((key[:, head], key_bits), (value[:, head], value_bits)):
+        for x, bits, is_key in ((key[:, head], key_bits, True), (value[:, head], value_bits, False)):
             order = layout.record_order(bits)
             for p, first, count, offset in layout.class_spans(bits, start):
                 rows = x[order[first : first + count]]
+                if is_key and rotate_keys and p.is_quantized:
+                    rows = rotate(rows)
                 rec = encode_records(rows, p, layout.record)
                 page[offset : offset + rec.numel()] = rec.reshape(-1)
                 start = offset + rec.numel()
     return page
 
 
-def unpack_page(layout: fmt.PageLayout, page: torch.Tensor, num_tokens: int, storage_dtype: torch.dtype):
+def unpack_page(
+    layout: fmt.PageLayout,
+    page: torch.Tensor,
+    num_tokens: int,
+    storage_dtype: torch.dtype,
+    rotate_keys: bool = False,
+):
     """Inverse of pack_page: -> (key fp32 [n, H, D], value fp32 [n, H, D], key_bits [n], value_bits [n])."""
     key_bits, value_bits = fmt.decode_bit_map(page[: layout.header_bytes], num_tokens)
     h, d = layout.num_kv_heads, layout.record.head_size
@@ -173,11 +183,14 @@ def unpack_page(layout: fmt.PageLayout, page: torch.Tensor, num_tokens: int, sto
     region = layout.region_bytes(key_bits, value_bits)
     for head in range(h):
         start = layout.head_region_offset(head, region)
-        for x, bits in zip(out, (key_bits, value_bits), strict=True):
+        for x, bits, is_key in ((out[0], key_bits, True), (out[1], value_bits, False)):
             order = layout.record_order(bits)
             for p, first, count, offset in layout.class_spans(bits, start):
                 size = layout.record.record_bytes(p)
                 rec = page[offset : offset + count * size].reshape(count, size)
-                x[order[first : first + count], head] = decode_records(rec, p, layout.record, storage_dtype)
+                decoded = decode_records(rec, p, layout.record, storage_dtype)
+                if is_key and rotate_keys and p.is_quantized:
+                    decoded = rotate(decoded)
+                x[order[first : first + count], head] = decoded
                 start = offset + count * size
     return out[0], out[1], key_bits, value_bits

@@ -1,0 +1,1 @@
+"""The attention backend for heterogeneous pages (vLLM's CUSTOM slot)."""

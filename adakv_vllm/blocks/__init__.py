@@ -1,0 +1,1 @@
+"""Pages with a bit map, FP16 staging and the seal planner. vLLM is imported only in spec.py."""

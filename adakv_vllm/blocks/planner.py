@@ -1,0 +1,56 @@
+"""The per-page budget: choose each token's precision so the page fits, greedily by gain per byte.
+
+Given, per token, a weight w and a distortion d(p) for each precision p (non-increasing in p), the
+planner maximises sum_t w_t * (d_t(2) - d_t(b_t)) subject to sum_t bytes(b_t) <= budget: every token
+starts at 2 bits, then the upgrade step (to the next precision) with the largest gain per extra byte
+is taken while it fits (a greedy knapsack, as in Huffman-style allocation; DESIGN.md section 2).
+Steps with zero gain are never taken, so a static policy does not spend slack bytes. Ties break by
+token position, so the result is a deterministic function of its inputs.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from adakv_vllm.quant.precision import PRECISIONS
+
+
+def allocate(weight: torch.Tensor, distortion: torch.Tensor, cost: torch.Tensor, budget: int) -> torch.Tensor:
+    """weight: [T] >= 0 (inf = as many bits as fit); distortion: [T, 4] per precision code;
+    cost: [4] bytes one token costs at each precision; budget: bytes for the T tokens.
+    Returns [T] int64 bit-widths."""
+    num_tokens = weight.numel()
+    codes = [0] * num_tokens
+    spent = int(cost[0]) * num_tokens
+    if spent > budget:
+        raise ValueError(
+            f"{num_tokens} tokens at {PRECISIONS[0].bits} bits need {spent} bytes > budget {budget}"
+        )
+    w, d, c = weight.tolist(), distortion.tolist(), [int(x) for x in cost]
+
+    def step(t: int):
+        code = codes[t]
+        if code + 1 >= len(PRECISIONS):
+            return None
+        gain = d[t][code] - d[t][code + 1]
+        if gain <= 0 or w[t] <= 0:
+            return None
+        ratio = float("inf") if w[t] == float("inf") else w[t] * gain / (c[code + 1] - c[code])
+        return (-ratio, t, code)
+
+    heap = [s for s in (step(t) for t in range(num_tokens)) if s is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, t, code = heapq.heappop(heap)
+        extra = c[code + 1] - c[code]
+        if spent + extra > budget:
+            continue  # this token cannot climb further; cheaper steps of others may still fit
+        spent += extra
+        codes[t] = code + 1
+        nxt = step(t)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+    bits = torch.tensor([p.bits for p in PRECISIONS])
+    return bits[torch.tensor(codes, dtype=torch.int64)]

@@ -1,0 +1,144 @@
+"""KVStore: the worker-side state of the mixed-precision cache, for every layer. No vLLM import.
+
+    write(layer, slot_mapping, k, v)   new tokens -> FP16 staging (+ their quantization-error features)
+    seal(block_ids, bits)              staging -> packed pages in every layer's KV tensor; slot freed
+    gather(layer, block_ids)           K/V of blocks, from pages (sealed) or staging (open)
+    release(block_ids)                 staging of blocks that will never seal (partial, freed)
+
+Invariants: a block is sealed iff `sealed[b]`; a sealed block has no staging slot; a write into a
+sealed block (vLLM re-allocated the id) re-opens it. Pages are written only by `seal`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from adakv_vllm.blocks.paging import PageCodec
+from adakv_vllm.blocks.staging import StagingArea
+from adakv_vllm.quant import format as fmt
+from adakv_vllm.quant.precision import PRECISIONS
+from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, fake_quantize
+from adakv_vllm.quant.rotation import rotate
+
+logger = logging.getLogger("vllm.adakv.store")
+
+# The precisions whose reconstruction error is reported as a feature (16 bits has none).
+FEATURE_PRECISIONS = tuple(p for p in PRECISIONS if p.is_quantized)
+
+
+class KVStore:
+    def __init__(
+        self,
+        layout: fmt.PageLayout,
+        num_layers: int,
+        num_blocks: int,
+        dtype: torch.dtype,
+        rotate_keys: bool,
+        max_staging_slots: int,
+    ):
+        self.layout, self.num_layers, self.dtype = layout, num_layers, dtype
+        self.rotate_keys = rotate_keys
+        self.codec = PageCodec(layout, dtype, rotate_keys)
+        h, d = layout.num_kv_heads, layout.record.head_size
+        self.staging = StagingArea(num_layers, num_blocks, layout.block_size, h, d, dtype, max_staging_slots)
+        self.sealed = torch.zeros(num_blocks, dtype=torch.bool)  # [num_blocks]
+        self.pages: list[torch.Tensor | None] = [None] * num_layers  # each [num_blocks, page_bytes] uint8
+        self._features: dict[str, torch.Tensor] | None = None
+
+    # ---- binding -------------------------------------------------------------------------------
+    def bind(self, layer: int, kv_cache: torch.Tensor) -> None:
+        """kv_cache: vLLM's uint8 view of this layer, [num_blocks, ...] with contiguous blocks."""
+        if self.pages[layer] is not None and self.pages[layer].data_ptr() == kv_cache.data_ptr():
+            return
+        assert kv_cache.dtype == torch.uint8, kv_cache.dtype
+        assert kv_cache[0].numel() == self.layout.page_bytes and kv_cache[0].is_contiguous()
+        self.pages[layer] = torch.as_strided(
+            kv_cache, (kv_cache.shape[0], self.layout.page_bytes), (kv_cache.stride(0), 1)
+        )
+
+    # ---- writes ---------------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        self._features = None
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """slot_mapping: [T] int64 (-1 = padding); key, value: [T, num_kv_heads, head_size]."""
+        valid = slot_mapping >= 0
+        if not valid.any():
+            return
+        self.staging.write(layer, slot_mapping, key, value)
+        self.sealed[slot_mapping[valid] // self.layout.block_size] = False
+        self._accumulate_features(slot_mapping[valid], key[valid], value[valid])
+
+    def _accumulate_features(self, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Per token: relative reconstruction error at 2/4/8 bits, summed over layers (K and V)."""
+        err = torch.stack(
+            [self._rel_error(key, p, True) + self._rel_error(value, p, False) for p in FEATURE_PRECISIONS], -1
+        )
+        if self._features is None or not torch.equal(self._features["slots"], slots):
+            self._features = {
+                "slots": slots.clone(),
+                "qerr": torch.zeros_like(err),
+                "layers": torch.zeros(()),
+            }
+        self._features["qerr"] += err / 2
+        self._features["layers"] += 1
+
+    def _rel_error(self, x: torch.Tensor, p, is_key: bool) -> torch.Tensor:
+        """x: [T, H, D] -> [T] mean over heads of ||x - q(x)|| / ||x||, with the store's quantizer."""
+        x = x.float().clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
+        if is_key and self.rotate_keys:
+            x = rotate(x)
+        err = (fake_quantize(x, p, self.layout.record.group_size) - x).norm(dim=-1)
+        return (err / x.norm(dim=-1).clamp_min(1e-6)).mean(-1)
+
+    def step_features(self) -> dict[str, torch.Tensor] | None:
+        """Features of the tokens written this step: slots [T] int64, qerr [T, 3] (mean over layers)."""
+        if self._features is None:
+            return None
+        return {"slots": self._features["slots"], "qerr": self._features["qerr"] / self._features["layers"]}
+
+    # ---- sealing --------------------------------------------------------------------------------
+    def seal(self, block_ids: torch.Tensor, key_bits: torch.Tensor, value_bits: torch.Tensor) -> int:
+        """Pack full open blocks into their pages in every layer.
+
+        block_ids: [n] int64; key_bits, value_bits: [n, block_size]. Blocks that are already sealed
+        or have no staging (never written here) are skipped. Returns the number sealed.
+        """
+        open_ = (~self.sealed[block_ids]) & (self.staging.slot_of_block[block_ids] >= 0)
+        if not open_.all():
+            logger.debug("skipping %d blocks that are sealed or not staged", int((~open_).sum()))
+        block_ids, key_bits, value_bits = block_ids[open_], key_bits[open_], value_bits[open_]
+        if block_ids.numel() == 0:
+            return 0
+        for layer in range(self.num_layers):
+            key, value = self.staging.read(layer, block_ids)
+            key = key.clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
+            value = value.clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
+            self.pages[layer][block_ids] = self.codec.encode(key, value, key_bits, value_bits)
+        self.sealed[block_ids] = True
+        self.staging.release(block_ids.tolist())
+        return int(block_ids.numel())
+
+    def release(self, block_ids) -> None:
+        self.staging.release(block_ids)
+
+    # ---- reads ----------------------------------------------------------------------------------
+    def gather(self, layer: int, block_ids: torch.Tensor):
+        """block_ids: [n] int64 -> key, value [n, block_size, num_kv_heads, head_size] in the model dtype."""
+        n, bs = block_ids.numel(), self.layout.block_size
+        h, d = self.layout.num_kv_heads, self.layout.record.head_size
+        key = torch.empty(n, bs, h, d, dtype=self.dtype)
+        value = torch.empty_like(key)
+        sealed = self.sealed[block_ids]
+        if sealed.any():
+            k, v, _, _ = self.codec.decode(self.pages[layer][block_ids[sealed]])
+            key[sealed], value[sealed] = k.to(self.dtype), v.to(self.dtype)
+        if (~sealed).any():
+            key[~sealed], value[~sealed] = self.staging.read(layer, block_ids[~sealed])
+        return key, value
+
+    def bits(self, block_ids: torch.Tensor):
+        """The bit map of sealed blocks, read back from layer 0's pages: -> key_bits, value_bits [n, bs]."""
+        return fmt.decode_bit_map(self.pages[0][block_ids], self.layout.block_size)

@@ -1,0 +1,110 @@
+"""One frozen AdaKVConfig: every user option, validated at the boundary.
+
+Options come from vLLM's `additional_config` (`LLM(..., additional_config={...})`,
+`--additional-config '{...}'`, `--kv-cache-plugin adakv`) or, for clients that build `LLM(...)`
+themselves, from the environment (`ADAKV_KV_CACHE_PLUGIN=adakv`, `ADAKV_OPTIONS='{"target_bits": 4}'`).
+`additional_config` wins over the environment, key by key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from adakv_vllm import envs
+from adakv_vllm.quant.format import SUPPORTED_GROUP_SIZES
+from adakv_vllm.quant.precision import ALL_BITS
+
+PLUGIN_NAME = "adakv"
+PLUGIN_KEY = "kv_cache_plugin"
+POLICIES = ("static", "random", "rule")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaKVConfig:
+    # Average bits per cached element that each page's byte budget grants (2..16; fractions allowed).
+    target_bits: float = 4.0
+    # Which tokens get which bits inside the budget: static | random | rule.
+    policy: str = "rule"
+    # Channels per quantization group (one fp16 scale + min each).
+    group_size: int = 32
+    # Hadamard-rotate keys before quantizing (examples/quant_error.py: -25% key error at 2 bits).
+    rotate_keys: bool = True
+    # Leading tokens of every sequence that the rule policy keeps at 16 bits (attention sinks).
+    sink_tokens: int = 4
+    # Seed of the random policy; decisions are a function of (seed, block content) for prefix caching.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target_bits, (int, float)) or not 2 <= self.target_bits <= 16:
+            raise ValueError(f"target_bits must be a number within [2, 16], got {self.target_bits!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {POLICIES}")
+        if self.policy == "static" and self.target_bits not in ALL_BITS:
+            raise ValueError(f"policy 'static' needs target_bits in {ALL_BITS}, got {self.target_bits}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.group_size!r}")
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be a non-negative integer, got {self.sink_tokens!r}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> AdaKVConfig:
+        allowed = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise ValueError(f"unknown AdaKV option(s) {unknown}; allowed: {sorted(allowed)}")
+        return cls(**options)
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+def requested_options(additional_config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The AdaKV options asked for, or None when the plugin is not asked for.
+
+    additional_config: vLLM's dict. Keys other than ours belong to other plugins and are ignored,
+    except that naming another kv_cache_plugin is an error.
+    """
+    merged: dict[str, Any] = {}
+    env_plugin = envs.kv_cache_plugin()
+    if env_plugin:
+        merged[PLUGIN_KEY] = env_plugin
+        merged.update(_env_options())
+    merged.update(dict(additional_config or {}))
+    plugin = merged.get(PLUGIN_KEY)
+    if plugin is None:
+        return None
+    if plugin != PLUGIN_NAME:
+        raise ValueError(f"unknown kv_cache_plugin {plugin!r}; this plugin provides {PLUGIN_NAME!r}")
+    field_names = {f.name for f in dataclasses.fields(AdaKVConfig)}
+    options = {k: v for k, v in merged.items() if k in field_names}
+    # Our keys are namespaced by being next to kv_cache_plugin; flag near-misses loudly.
+    typos = [k for k in merged if k not in field_names and k != PLUGIN_KEY and _looks_like_ours(k)]
+    if typos:
+        raise ValueError(f"unknown AdaKV option(s) {typos}; allowed: {sorted(field_names)}")
+    return options
+
+
+def _looks_like_ours(key: str) -> bool:
+    return key.endswith("_bits") or key in ("bits", "policies", "group", "rotate", "sinks")
+
+
+def _env_options() -> dict[str, Any]:
+    raw = envs.options_json()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"ADAKV_OPTIONS is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("ADAKV_OPTIONS must be a JSON object, e.g. '{\"target_bits\": 4}'")
+    return value
+
+
+def from_vllm_config(vllm_config) -> AdaKVConfig | None:
+    """AdaKVConfig for this engine, or None when the plugin is not asked for."""
+    options = requested_options(getattr(vllm_config, "additional_config", None))
+    return None if options is None else AdaKVConfig.from_options(options)

@@ -1,0 +1,99 @@
+"""Precision policies behind one interface: weights and distortions for the tokens of a sealing page.
+
+    static   every token at target_bits (distortion is a step at the target)
+    random   random weights seeded by the page content: the honest control at matched average bits
+    rule     attention sinks first (up to 8 bits), then tokens whose own quantization error is largest, rare
+             (first-in-sequence) tokens weighted up
+
+A policy never sees the budget: `blocks.planner.allocate` turns its scores into bits under the
+page's byte budget, identically for every policy. Every decision is a deterministic function of the
+block's tokens, positions and the features its writer reported, so a prefix-cache hit reads the same
+bits whoever wrote the block first (the page is sealed once and never rewritten).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import torch
+
+from adakv_vllm.quant.precision import PRECISIONS
+
+# Distortion assumed when a token's own quantization error is unknown: relative squared error of
+# RTN at b bits falls about 4x per extra bit (examples/quant_error.py: 0.50, 0.10, 0.006 at 2/4/8).
+GENERIC_DISTORTION = torch.tensor([0.25, 0.01, 4e-5, 0.0])
+RARE_TOKEN_BOOST = 0.5
+
+
+@dataclasses.dataclass
+class BlockTokens:
+    """What the scheduler knows about the tokens of one sealing block."""
+
+    token_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, position in the sequence
+    qerr: torch.Tensor  # [T, 3] relative reconstruction error at 2/4/8 bits (NaN = unknown)
+    first_occurrence: torch.Tensor  # [T] bool, token id not seen earlier in the sequence
+
+
+class Policy:
+    name = "base"
+
+    def __init__(self, target_bits: float, seed: int = 0, sink_tokens: int = 0):
+        self.target_bits, self.seed, self.sink_tokens = target_bits, seed, sink_tokens
+
+    def scores(self, block: BlockTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> weight [T], distortion [T, 4] (per precision code, non-increasing)."""
+        raise NotImplementedError
+
+
+class StaticPolicy(Policy):
+    name = "static"
+
+    def scores(self, block):
+        num_tokens = block.token_ids.numel()
+        below = torch.tensor([float(p.bits < self.target_bits) for p in PRECISIONS])
+        return torch.ones(num_tokens), below.expand(num_tokens, -1)
+
+
+class RandomPolicy(Policy):
+    name = "random"
+
+    def scores(self, block):
+        gen = torch.Generator().manual_seed(content_seed(block, self.seed))
+        weight = torch.rand(block.token_ids.numel(), generator=gen)
+        return weight, GENERIC_DISTORTION.expand(block.token_ids.numel(), -1)
+
+
+class RulePolicy(Policy):
+    name = "rule"
+
+    def scores(self, block):
+        num_tokens = block.token_ids.numel()
+        distortion = GENERIC_DISTORTION.repeat(num_tokens, 1)
+        known = ~torch.isnan(block.qerr).any(-1)
+        distortion[known, :3] = block.qerr[known].float() ** 2
+        # Keep it non-increasing even if a measured error is not.
+        distortion = torch.cummax(distortion.flip(1), 1).values.flip(1)
+        weight = 1.0 + RARE_TOKEN_BOOST * block.first_occurrence.float()
+        # Sinks go first, up to 8 bits: their 8-bit error (~0.5%) is negligible and 16 bits would
+        # starve the rest of the first page.
+        sinks = block.positions < self.sink_tokens
+        weight[sinks] = float("inf")
+        distortion[sinks, 2:] = 0.0
+        return weight, distortion
+
+
+POLICIES = {cls.name: cls for cls in (StaticPolicy, RandomPolicy, RulePolicy)}
+
+
+def make_policy(name: str, target_bits: float, seed: int = 0, sink_tokens: int = 0) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    return POLICIES[name](target_bits, seed, sink_tokens)
+
+
+def content_seed(block: BlockTokens, seed: int) -> int:
+    """A seed that depends only on the block's tokens, positions and the user's seed."""
+    data = torch.stack([block.token_ids, block.positions]).to(torch.int64).numpy().tobytes()
+    return zlib.crc32(data, seed & 0xFFFFFFFF)

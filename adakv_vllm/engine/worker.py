@@ -1,0 +1,132 @@
+"""AdaKVWorker: the CPU worker plus the three AdaKV duties of every step.
+
+    execute_model(scheduler_output)
+      1. release staging of blocks that will never seal, then seal the listed blocks (all layers)
+      2. forward (stock); the attention layers write new K/V to staging and read pages + staging
+    sample_tokens(...)
+      3. report per-token features on ModelRunnerOutput.adakv_features: the quantization error of
+         every token written this step (keyed by vLLM slot) and the entropy / probability of each
+         request's sampled token (keyed by request id)
+
+The FP16 staging area's worst case is charged to the KV memory budget, so AdaKV uses the same
+memory as stock vLLM at the same VLLM_CPU_KVCACHE_SPACE and its capacity figures are honest.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import torch
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from adakv_vllm.attention import runtime
+from adakv_vllm.blocks import spec as spec_glue
+from adakv_vllm.blocks.staging import StagingArea
+from adakv_vllm.blocks.store import KVStore
+from adakv_vllm.config import from_vllm_config
+
+logger = logging.getLogger("vllm.adakv.worker")
+
+
+def staging_slots(vllm_config, block_size: int) -> int:
+    """Worst-case open blocks at one write: one partial block per running request, plus every block
+    a step can fill (one per request boundary plus the batch's tokens)."""
+    sched = vllm_config.scheduler_config
+    return 2 * sched.max_num_seqs + math.ceil(sched.max_num_batched_tokens / block_size) + 1
+
+
+def staging_bytes(vllm_config) -> int:
+    model = vllm_config.model_config
+    parallel = vllm_config.parallel_config
+    block_size = vllm_config.cache_config.block_size
+    per_slot = StagingArea.slot_bytes(
+        model.get_num_layers(parallel),
+        block_size,
+        model.get_num_kv_heads(parallel),
+        model.get_head_size(),
+        model.dtype.itemsize,
+    )
+    return staging_slots(vllm_config, block_size) * per_slot
+
+
+class AdaKVWorker(CPUWorker):
+    def __init__(self, vllm_config, *args, **kwargs):
+        self.adakv = from_vllm_config(vllm_config)
+        if self.adakv is None:
+            raise RuntimeError("AdaKVWorker started without the AdaKV plugin being asked for")
+        runtime.set_config(self.adakv)
+        super().__init__(vllm_config, *args, **kwargs)
+
+    def determine_available_memory(self) -> int:
+        available = super().determine_available_memory()
+        reserved = staging_bytes(self.vllm_config)
+        if reserved >= available:
+            raise ValueError(
+                f"AdaKV's FP16 staging needs {reserved / 2**20:.0f} MiB but the KV budget is only "
+                f"{available / 2**20:.0f} MiB; lower max_num_seqs / max_num_batched_tokens or raise "
+                "VLLM_CPU_KVCACHE_SPACE"
+            )
+        return available - reserved
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        super().initialize_from_config(kv_cache_config)
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise ValueError(f"AdaKV supports models with one KV cache group, got {len(groups)}")
+        layout = spec_glue.layout_of_spec(groups[0].kv_cache_spec)
+        model = self.vllm_config.model_config
+        store = KVStore(
+            layout,
+            num_layers=len(groups[0].layer_names),
+            num_blocks=kv_cache_config.num_blocks,
+            dtype=model.dtype,
+            rotate_keys=self.adakv.rotate_keys,
+            max_staging_slots=staging_slots(self.vllm_config, layout.block_size),
+        )
+        runtime.set_store(store)
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output):
+        store = runtime.store()
+        store.begin_step()
+        release = getattr(scheduler_output, "adakv_release", None)
+        if release:
+            store.release(release)
+        seal = getattr(scheduler_output, "adakv_seal", None)
+        if seal is not None:
+            block_ids, bits = seal
+            store.seal(block_ids, bits, bits)
+        output = super().execute_model(scheduler_output)
+        if output is not None:
+            output = self._attach(output, None)
+        return output
+
+    @torch.inference_mode()
+    def sample_tokens(self, grammar_output):
+        state = getattr(self.model_runner, "execute_model_state", None)
+        logits = None if state is None else state.logits
+        output = super().sample_tokens(grammar_output)
+        return self._attach(output, logits)
+
+    def _attach(self, output, logits):
+        from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+
+        if output is EMPTY_MODEL_RUNNER_OUTPUT:
+            output = copy.copy(output)  # never mutate the shared singleton
+        features = runtime.store().step_features() or {}
+        sampled = {}
+        if logits is not None and output.req_ids:
+            logp = torch.log_softmax(logits[: len(output.req_ids)].float(), dim=-1)  # [R, V]
+            entropy = -(logp.exp() * logp).sum(-1)
+            for rid, i in output.req_id_to_index.items():
+                tokens = output.sampled_token_ids[i] if output.sampled_token_ids else []
+                if tokens:
+                    sampled[rid] = (float(entropy[i]), float(logp[i, tokens[-1]].exp()))
+        output.adakv_features = {
+            "slots": features.get("slots"),
+            "qerr": features.get("qerr"),
+            "sampled": sampled,
+        }
+        return output
