@@ -17,9 +17,16 @@ import torch
 from adakv_vllm.quant.precision import PRECISIONS
 
 
-def allocate(weight: torch.Tensor, distortion: torch.Tensor, cost: torch.Tensor, budget: int) -> torch.Tensor:
-    """weight: [T] >= 0 (inf = as many bits as fit); distortion: [T, 4] per precision code;
-    cost: [4] bytes one token costs at each precision; budget: bytes for the T tokens.
+def allocate(
+    weight: torch.Tensor,
+    distortion: torch.Tensor,
+    cost: torch.Tensor,
+    budget: int,
+    floor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """weight: [T] >= 0; distortion: [T, 4] per precision code; cost: [4] bytes one token costs at
+    each precision; budget: bytes for the T tokens; floor: optional [T] bit-widths granted first (in
+    position order, as far as the budget allows) before the greedy competition.
     Returns [T] int64 bit-widths."""
     num_tokens = weight.numel()
     codes = [0] * num_tokens
@@ -29,6 +36,12 @@ def allocate(weight: torch.Tensor, distortion: torch.Tensor, cost: torch.Tensor,
             f"{num_tokens} tokens at {PRECISIONS[0].bits} bits need {spent} bytes > budget {budget}"
         )
     w, d, c = weight.tolist(), distortion.tolist(), [int(x) for x in cost]
+    if floor is not None:
+        floor_codes = [next(i for i, p in enumerate(PRECISIONS) if p.bits >= b) for b in floor.tolist()]
+        for t, target in enumerate(floor_codes):
+            while codes[t] < target and spent + c[codes[t] + 1] - c[codes[t]] <= budget:
+                spent += c[codes[t] + 1] - c[codes[t]]
+                codes[t] += 1
 
     def step(t: int):
         code = codes[t]
@@ -37,8 +50,7 @@ def allocate(weight: torch.Tensor, distortion: torch.Tensor, cost: torch.Tensor,
         gain = d[t][code] - d[t][code + 1]
         if gain <= 0 or w[t] <= 0:
             return None
-        ratio = float("inf") if w[t] == float("inf") else w[t] * gain / (c[code + 1] - c[code])
-        return (-ratio, t, code)
+        return (-w[t] * gain / (c[code + 1] - c[code]), t, code)
 
     heap = [s for s in (step(t) for t in range(num_tokens)) if s is not None]
     heapq.heapify(heap)

@@ -29,7 +29,12 @@ def layout_of_spec(spec) -> fmt.PageLayout:
 
     cfg = runtime.config()
     layout = page_layout(spec.block_size, spec.num_kv_heads, spec.head_size, cfg)
-    assert layout.page_bytes == spec.page_size_bytes, (layout.page_bytes, spec.page_size_bytes)
+    if spec.dtype != torch.uint8 or layout.page_bytes != spec.page_size_bytes:
+        # Our backend's customize_spec did not shape this KV cache: AdaKV is asked for but not active.
+        raise RuntimeError(
+            f"AdaKV is enabled but the KV cache spec is {spec.dtype} with {spec.page_size_bytes}-byte "
+            f"pages (expected uint8, {layout.page_bytes}); another attention backend was selected"
+        )
     return layout
 
 

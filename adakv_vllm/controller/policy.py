@@ -24,6 +24,9 @@ from adakv_vllm.quant.precision import PRECISIONS
 # RTN at b bits falls about 4x per extra bit (examples/quant_error.py: 0.50, 0.10, 0.006 at 2/4/8).
 GENERIC_DISTORTION = torch.tensor([0.25, 0.01, 4e-5, 0.0])
 RARE_TOKEN_BOOST = 0.5
+SINK_FLOOR_BITS = 8
+STRICT_EPS = 1e-9
+STEPS_LEFT = torch.tensor([3.0, 2.0, 1.0, 0.0])  # precision steps above each code
 
 
 @dataclasses.dataclass
@@ -46,14 +49,21 @@ class Policy:
         """-> weight [T], distortion [T, 4] (per precision code, non-increasing)."""
         raise NotImplementedError
 
+    def floor(self, block: BlockTokens) -> torch.Tensor | None:
+        """Optional [T] bit-widths the planner grants first, budget permitting."""
+        return None
+
 
 class StaticPolicy(Policy):
     name = "static"
 
     def scores(self, block):
         num_tokens = block.token_ids.numel()
-        below = torch.tensor([float(p.bits < self.target_bits) for p in PRECISIONS])
-        return torch.ones(num_tokens), below.expand(num_tokens, -1)
+        # Distortion = steps still missing to the target, so every step up to it has gain 1.
+        steps = torch.tensor(
+            [float(sum(q.bits < self.target_bits for q in PRECISIONS[i:])) for i in range(4)]
+        )
+        return torch.ones(num_tokens), steps.expand(num_tokens, -1)
 
 
 class RandomPolicy(Policy):
@@ -73,15 +83,15 @@ class RulePolicy(Policy):
         distortion = GENERIC_DISTORTION.repeat(num_tokens, 1)
         known = ~torch.isnan(block.qerr).any(-1)
         distortion[known, :3] = block.qerr[known].float() ** 2
-        # Keep it non-increasing even if a measured error is not.
-        distortion = torch.cummax(distortion.flip(1), 1).values.flip(1)
+        # Keep it strictly decreasing even if a measured error is not, so no step has zero gain.
+        distortion = torch.cummax(distortion.flip(1), 1).values.flip(1) + STRICT_EPS * STEPS_LEFT
         weight = 1.0 + RARE_TOKEN_BOOST * block.first_occurrence.float()
-        # Sinks go first, up to 8 bits: their 8-bit error (~0.5%) is negligible and 16 bits would
-        # starve the rest of the first page.
-        sinks = block.positions < self.sink_tokens
-        weight[sinks] = float("inf")
-        distortion[sinks, 2:] = 0.0
         return weight, distortion
+
+    def floor(self, block):
+        # Sinks are granted 8 bits first: their 8-bit error (~0.5%) is negligible, while a 16-bit
+        # floor would starve the rest of the first page. Beyond 8 bits they compete like any token.
+        return torch.where(block.positions < self.sink_tokens, SINK_FLOOR_BITS, PRECISIONS[0].bits)
 
 
 POLICIES = {cls.name: cls for cls in (StaticPolicy, RandomPolicy, RulePolicy)}

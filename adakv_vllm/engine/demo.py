@@ -1,19 +1,36 @@
-"""`adakv demo`: greedy generations through vLLM, then what each precision costs per cached token."""
+"""`adakv demo`: the plugin inside vLLM on the embedded model -- generations, the bits the policy
+chose for the sealed pages, and the KV capacity against bf16 in the same memory.
+
+The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the demo can read the scheduler's
+bit histogram; serving and benchmarks run vLLM's usual multi-process engine.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from adakv_vllm.model_store import resolve_model
 from adakv_vllm.quant.format import RecordLayout
 from adakv_vllm.quant.precision import PRECISIONS
 
+LONG_CONTEXT = (
+    "The Amazon rainforest covers much of the Amazon basin of South America. The basin spans seven "
+    "million square kilometres, of which five and a half million are covered by the rainforest. The "
+    "region includes territory belonging to nine nations, and most of the forest lies within Brazil, "
+    "followed by Peru and Colombia. The rainforest likely formed during the Eocene era, after a global "
+    "reduction of tropical temperatures when the Atlantic Ocean had widened enough to provide a warm, "
+    "moist climate to the basin. It has been in existence for at least fifty-five million years, and "
+    "most of the region remained free of savanna-type biomes at least until the current ice age. "
+    "Deforestation is the conversion of forested areas to non-forested areas; the main sources of "
+    "deforestation in the Amazon are human settlement and the development of the land for cattle "
+    "ranching and soy farming."
+)
 PROMPTS = (
     "The capital of France is",
-    "A short poem about the sea:",
     "def fibonacci(n):",
+    LONG_CONTEXT + "\n\nQuestion: Which country holds most of the Amazon rainforest?\nAnswer:",
 )
-DEFAULT_GROUP_SIZE = 32
 
 
 def kv_size_table(num_layers: int, num_kv_heads: int, head_size: int, group_size: int) -> list[str]:
@@ -28,25 +45,44 @@ def kv_size_table(num_layers: int, num_kv_heads: int, head_size: int, group_size
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
 
+    options = {"kv_cache_plugin": "adakv", "target_bits": args.target_bits, "policy": args.policy}
     llm = LLM(
         resolve_model(args.model),
         enforce_eager=True,
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        additional_config=options,
     )
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
     for out in llm.generate(list(PROMPTS), params):
-        print(f"\n>>> {out.prompt!r}\n{out.outputs[0].text!r}")
+        prompt = out.prompt if len(out.prompt) < 80 else out.prompt[:40] + " ... " + out.prompt[-35:]
+        print(f"\n>>> {prompt!r}\n{out.outputs[0].text!r}")
 
-    hf = llm.llm_engine.model_config.hf_config
-    head_size = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    hist = scheduler.bits_histogram.tolist()
+    total = max(1, sum(hist))
+    print(f"\nBits chosen for sealed tokens (policy {args.policy}, target {args.target_bits}):")
+    for p, count in zip(PRECISIONS, hist, strict=True):
+        print(f"  {p.bits:>2} bits: {count:>6} tokens {'#' * round(40 * count / total)}")
+    mean = sum(p.bits * c for p, c in zip(PRECISIONS, hist, strict=True)) / total
+    print(f"  average {mean:.2f} bits over {sum(hist)} sealed tokens")
+
+    cap = scheduler.capacity_report()
     print(
-        f"\nKV record sizes ({hf.num_hidden_layers} layers, {hf.num_key_value_heads} KV heads, "
-        f"head_size {head_size}, group_size {DEFAULT_GROUP_SIZE}):"
+        f"\nKV cache: {cap['tokens']:,} tokens in {cap['kv_mib']:.0f} MiB; bf16 would hold "
+        f"{cap['bf16_tokens']:,} -> {cap['ratio']:.2f}x the tokens (memory saved per token: "
+        f"{100 * (1 - 1 / cap['ratio']):.0f}%)"
     )
+    layout = scheduler.layout
+    print(f"\nRecord sizes (head_size {layout.record.head_size}, group_size {layout.record.group_size}):")
     print(
-        "\n".join(kv_size_table(hf.num_hidden_layers, hf.num_key_value_heads, head_size, DEFAULT_GROUP_SIZE))
+        "\n".join(
+            kv_size_table(
+                scheduler.num_layers, layout.num_kv_heads, layout.record.head_size, layout.record.group_size
+            )
+        )
     )
     return 0

@@ -128,7 +128,7 @@ def _patch_engine_args(engine_args_cls) -> None:
         if not any("--kv-cache-plugin" in a.option_strings for a in parser._actions):
             parser.add_argument(
                 "--kv-cache-plugin",
-                choices=[adakv_config.PLUGIN_NAME],
+                choices=[adakv_config.PLUGIN_NAME, "none"],
                 default=None,
                 help="Store the KV cache with per-token mixed precision (adakv-vllm). Options go in "
                 '--additional-config, e.g. \'{"target_bits": 4, "policy": "rule"}\'.',
@@ -139,7 +139,7 @@ def _patch_engine_args(engine_args_cls) -> None:
     def from_cli_args(cls, args):
         engine_args = original_from(cls, args)
         plugin = getattr(args, "kv_cache_plugin", None)
-        if plugin:
+        if plugin and plugin != "none":
             extra = dict(engine_args.additional_config or {})
             extra[adakv_config.PLUGIN_KEY] = plugin
             engine_args.additional_config = extra

@@ -63,26 +63,34 @@ class AdaKVScheduler(Scheduler):
         self._log_startup()
 
     # ---- startup -----------------------------------------------------------------------------
-    def _log_startup(self) -> None:
-        num_blocks = self.kv_cache_config.num_blocks
-        bs = self.layout.block_size
-        kv_bytes = num_blocks * self.layout.page_bytes * self.num_layers
+    def capacity_report(self) -> dict[str, float]:
+        """KV capacity in tokens, next to what bf16 pages would hold in the same memory."""
+        kv_bytes = self.kv_cache_config.num_blocks * self.layout.page_bytes * self.num_layers
         bf16_token = (
             2 * self.num_layers * self.layout.num_kv_heads * self.layout.record.record_bytes(PRECISIONS[-1])
         )
-        tokens = num_blocks * bs
+        tokens = self.kv_cache_config.num_blocks * self.layout.block_size
+        return {
+            "tokens": tokens,
+            "bf16_tokens": kv_bytes // bf16_token,
+            "kv_mib": kv_bytes / 2**20,
+            "ratio": tokens / max(1, kv_bytes // bf16_token),
+        }
+
+    def _log_startup(self) -> None:
+        cap = self.capacity_report()
         logger.info(
             "AdaKV active: %s; page %d bytes (block_size %d, %d KV heads, head_size %d); "
             "KV capacity %d tokens vs %d at bf16 in the same %.1f MiB (%.2fx)",
             self.adakv.describe(),
             self.layout.page_bytes,
-            bs,
+            self.layout.block_size,
             self.layout.num_kv_heads,
             self.layout.record.head_size,
-            tokens,
-            kv_bytes // bf16_token,
-            kv_bytes / 2**20,
-            tokens / max(1, kv_bytes // bf16_token),
+            cap["tokens"],
+            cap["bf16_tokens"],
+            cap["kv_mib"],
+            cap["ratio"],
         )
 
     # ---- step --------------------------------------------------------------------------------
@@ -124,8 +132,13 @@ class AdaKVScheduler(Scheduler):
         bits = torch.empty(len(block_ids), bs, dtype=torch.int64)
         for row, block in enumerate(block_ids):
             prefix, start = candidates[block]
-            weight, distortion = self.policy.scores(self._block_tokens(block, prefix, start))
-            bits[row] = planner.allocate(weight, distortion, self.token_cost, self.page_budget)
+            if self.adakv.target_bits >= PRECISIONS[-1].bits:
+                bits[row] = PRECISIONS[-1].bits  # every policy stores FP16 at 16 bits
+            else:
+                tokens = self._block_tokens(block, prefix, start)
+                weight, distortion = self.policy.scores(tokens)
+                floor = self.policy.floor(tokens)
+                bits[row] = planner.allocate(weight, distortion, self.token_cost, self.page_budget, floor)
             self._sealed.add(block)
             self._qerr.pop(block, None)
         for i, p in enumerate(PRECISIONS):

@@ -1,0 +1,100 @@
+"""The plugin inside real vLLM on CPU with the embedded model (tests/e2e/probe.py runs each engine)."""
+
+from __future__ import annotations
+
+from tests.e2e.conftest import PROMPTS
+
+LLM_ARGS = {"max_num_seqs": 8, "max_num_batched_tokens": 512}
+STOCK = {"adakv": None, "llm": LLM_ARGS, "prompts": PROMPTS, "max_tokens": 64}
+
+
+def adakv(options: dict, **extra) -> dict:
+    return {**STOCK, "adakv": options, **extra}
+
+
+def token_agreement(a: dict, b: dict) -> float:
+    same = total = 0
+    for x, y in zip(a["token_ids"], b["token_ids"], strict=True):
+        for u, v in zip(x[0], y[0], strict=False):
+            total += 1
+            same += u == v
+            if u != v:
+                break  # after the first divergence the continuations are not comparable
+        total += abs(len(x[0]) - len(y[0]))
+    return same / total
+
+
+def test_16_bits_equals_stock_token_for_token(probe):
+    stock = probe(STOCK)
+    ours = probe(adakv({"target_bits": 16, "policy": "rule"}))
+    assert ours["token_ids"] == stock["token_ids"]
+
+
+def test_static_8_bits_close_to_stock_and_bit_map_readback(probe):
+    stock = probe(STOCK)
+    ours = probe(adakv({"target_bits": 8, "policy": "static"}, inspect=True))
+    assert token_agreement(ours, stock) >= 0.9
+    assert ours["sealed_blocks"], "nothing was sealed: the test does not exercise pages"
+    assert all(row == [8] * len(row) for row in ours["read_key_bits"])
+    _check_bit_map(ours)
+
+
+def test_4_bits_paris_capacity_and_bit_map(probe):
+    stock = probe(STOCK)
+    ours = probe(adakv({"target_bits": 4, "policy": "rule"}, inspect=True))
+    assert "Paris" in ours["texts"][0][0]
+    _check_bit_map(ours)
+    capacity = ours["num_gpu_blocks"] * ours["block_size"]
+    stock_capacity = stock["num_gpu_blocks"] * stock["block_size"]
+    assert capacity >= 3 * stock_capacity, (capacity, stock_capacity)
+
+
+def _check_bit_map(report: dict) -> None:
+    """The bit map read back from the KV tensor equals the policy's decision; pages fit."""
+    assert report["read_key_bits"] == report["decided_bits"]
+    assert report["read_value_bits"] == report["decided_bits"]
+    assert max(report["used_bytes"]) <= report["page_bytes"]
+
+
+def test_preemption_keeps_outputs(probe):
+    """A KV cache of 12 blocks cannot hold 8 sequences of ~80 tokens: vLLM preempts and recomputes."""
+    static4 = {"target_bits": 4, "policy": "static"}
+    roomy = probe(adakv(static4, inspect=True))
+    tight = probe(adakv(static4, inspect=True, llm={**LLM_ARGS, "num_gpu_blocks_override": 12}))
+    assert roomy["preemptions"] == 0 and tight["preemptions"] > 0
+    assert tight["token_ids"] == roomy["token_ids"]
+
+
+LONG = (
+    "The Amazon rainforest covers much of the Amazon basin of South America. The basin spans seven "
+    "million square kilometres, of which five and a half million are covered by the rainforest. The "
+    "region includes territory belonging to nine nations, and most of the forest lies within Brazil, "
+    "followed by Peru and Colombia. The rainforest likely formed during the Eocene era, after a global "
+    "reduction of tropical temperatures when the Atlantic Ocean had widened enough to provide a warm, "
+    "moist climate to the basin. It has been in existence for at least fifty-five million years. "
+    "Question: which country holds most of the rainforest? Answer:"
+)
+
+
+def test_prefix_sharing_chunked_prefill_and_n(probe):
+    """Two requests share a ~150-token prompt (prefilled in 64-token chunks), each sampled n=2.
+
+    Rule for shared blocks: a block is sealed once and every request reads that page; because the
+    bits are a function of the block's content, the result equals a run without prefix caching.
+    """
+    spec = adakv(
+        {"target_bits": 3, "policy": "rule"},
+        inspect=True,
+        prompts=[LONG, LONG, PROMPTS[0]],
+        max_tokens=40,
+        n=2,
+        llm={**LLM_ARGS, "max_num_batched_tokens": 64, "max_num_seqs": 4},
+    )
+    shared = probe(spec)
+    private = probe({**spec, "llm": {**spec["llm"], "enable_prefix_caching": False}})
+    _check_bit_map(shared)
+    assert shared["token_ids"][0] == shared["token_ids"][1]
+    assert shared["token_ids"][0][0] == shared["token_ids"][0][1]  # greedy n=2: identical samples
+    assert shared["token_ids"] == private["token_ids"]
+    assert shared["num_decisions"] < private["num_decisions"]  # shared blocks were sealed once
+    assert "Brazil" in shared["texts"][0][0]

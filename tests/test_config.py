@@ -1,0 +1,67 @@
+"""AdaKVConfig: defaults, validation with clear messages, environment switch."""
+
+from __future__ import annotations
+
+import pytest
+
+from adakv_vllm.config import AdaKVConfig, requested_options
+
+
+def test_defaults_valid():
+    cfg = AdaKVConfig()
+    assert cfg.target_bits == 4 and cfg.policy == "rule"
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"target_bits": 1}, r"\[2, 16\]"),
+        ({"target_bits": 17}, r"\[2, 16\]"),
+        ({"target_bits": "4"}, r"\[2, 16\]"),
+        ({"policy": "learned-ish"}, "unknown policy"),
+        ({"policy": "static", "target_bits": 3}, "static"),
+        ({"group_size": 24}, "group_size"),
+        ({"sink_tokens": -1}, "sink_tokens"),
+        ({"bogus": 1}, "unknown AdaKV option"),
+    ],
+)
+def test_bad_options_rejected(options, match):
+    with pytest.raises(ValueError, match=match):
+        AdaKVConfig.from_options(options)
+
+
+def test_not_requested(monkeypatch):
+    monkeypatch.delenv("ADAKV_KV_CACHE_PLUGIN", raising=False)
+    assert requested_options({}) is None
+    assert requested_options({"other_plugin_key": 1}) is None
+
+
+def test_requested_through_additional_config(monkeypatch):
+    monkeypatch.delenv("ADAKV_KV_CACHE_PLUGIN", raising=False)
+    opts = requested_options({"kv_cache_plugin": "adakv", "target_bits": 3, "someone_else": 1})
+    assert opts == {"target_bits": 3}
+
+
+def test_typo_of_ours_rejected(monkeypatch):
+    monkeypatch.delenv("ADAKV_KV_CACHE_PLUGIN", raising=False)
+    with pytest.raises(ValueError, match="unknown AdaKV option"):
+        requested_options({"kv_cache_plugin": "adakv", "target_bit": 3, "key_bits": 2})
+
+
+def test_other_plugin_name_rejected():
+    with pytest.raises(ValueError, match="unknown kv_cache_plugin"):
+        requested_options({"kv_cache_plugin": "kivi"})
+
+
+def test_environment_switch(monkeypatch):
+    monkeypatch.setenv("ADAKV_KV_CACHE_PLUGIN", "adakv")
+    monkeypatch.setenv("ADAKV_OPTIONS", '{"target_bits": 3, "policy": "random"}')
+    assert requested_options(None) == {"target_bits": 3, "policy": "random"}
+    # additional_config wins key by key
+    assert requested_options({"target_bits": 8})["target_bits"] == 8
+    monkeypatch.setenv("ADAKV_OPTIONS", "[1]")
+    with pytest.raises(ValueError, match="JSON object"):
+        requested_options(None)
+    monkeypatch.setenv("ADAKV_OPTIONS", "{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        requested_options(None)
