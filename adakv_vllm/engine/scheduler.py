@@ -96,7 +96,7 @@ class AdaKVScheduler(Scheduler):
     # ---- step --------------------------------------------------------------------------------
     def schedule(self, *args, **kwargs):
         bs = self.layout.block_size
-        candidates: dict[int, tuple[list[int], int]] = dict(self._freed_full)
+        candidates = {b: v for b, v in self._freed_full.items() if b not in self._sealed}
         self._freed_full = {}
         for request in self.running:
             block_ids = self.kv_cache_manager.get_block_ids(request.request_id)[0]

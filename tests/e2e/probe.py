@@ -2,7 +2,8 @@
 subprocess, so every engine gets a fresh process (vLLM engines do not coexist well in one).
 
     python -m tests.e2e.probe '{"adakv": {...} | null, "llm": {...}, "prompts": [...],
-                                "max_tokens": 64, "n": 1, "inspect": false}'
+                                "max_tokens": 64, "n": 1, "temperature": 0, "seed": null,
+                                "inspect": false}'
 
 With "inspect", the engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and the report adds,
 for every sealed block, the bits the scheduler decided and the bits read back from the KV tensor.
@@ -49,7 +50,12 @@ def main(spec: dict) -> dict:
     if spec.get("adakv") is not None:
         kwargs["additional_config"] = {"kv_cache_plugin": "adakv", **spec["adakv"]}
     llm = LLM(resolve_model(None), **kwargs)
-    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 64), n=spec.get("n", 1))
+    params = SamplingParams(
+        temperature=spec.get("temperature", 0.0),
+        seed=spec.get("seed"),
+        max_tokens=spec.get("max_tokens", 64),
+        n=spec.get("n", 1),
+    )
     outputs = llm.generate(spec["prompts"], params, use_tqdm=False)
     report = {
         "texts": [[c.text for c in o.outputs] for o in outputs],

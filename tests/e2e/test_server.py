@@ -106,6 +106,7 @@ def test_concurrent_streaming_and_aborts(server):
     assert sum(text is None for _, text in results) == NUM_ABORTED
     # Still healthy and serving after the aborts.
     assert requests.get(f"{base}/health", timeout=10).status_code == 200
-    _, again = _complete(base, model, "colors", False, False)
-    assert {again} == answers["colors"]
+    # (not compared with the batch's text: vLLM is not batch-invariant, stock included)
+    _, again = _complete(base, model, "france", False, False)
+    assert "Paris" in again
     assert proc.poll() is None

@@ -1,0 +1,99 @@
+"""Markdown tables with paired differences against bf16, and PNG plots of quality vs average bits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adakv_vllm.eval.configs import REFERENCE
+from adakv_vllm.eval.tasks import mean_se, paired
+
+
+def _fmt(mean: float, se: float, scale: float = 1.0, digits: int = 1) -> str:
+    return f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"
+
+
+def markdown(results: list[dict], settings: dict) -> str:
+    by_name = {r["config"]: r for r in results}
+    ref = by_name.get(REFERENCE)
+    tasks = settings["tasks"]
+    lines = [
+        f"Model `{Path(settings['model']).name}`; MC tasks: first {settings['limit']} examples; WikiText-2: "
+        f"{settings['wikitext_limit']} windows of {settings['wikitext_window']} tokens, second half scored. "
+        "Values ± standard error; Δ = paired difference against bf16 on the same examples.",
+        "",
+    ]
+    if "wikitext" in tasks:
+        lines += [
+            "| config | avg bits | PPL | NLL Δ vs bf16 | KL vs bf16 (nats/token) | quantized context |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in results:
+            w = r["results"]["wikitext"]
+            d = paired(w["nll"], ref["results"]["wikitext"]["nll"]) if ref else (float("nan"),) * 2
+            kl = mean_se(w["kl"])
+            frac = "-" if w["quantized_context"] is None else f"{100 * w['quantized_context']:.0f}%"
+            lines.append(
+                f"| {r['config']} | {r['avg_bits']:.2f} | {w['ppl']:.2f} | {_fmt(*d, digits=4)} | "
+                f"{_fmt(*kl, digits=4)} | {frac if r['config'] != 'fp8' else '100%'} |"
+            )
+        lines.append("")
+    mc = [t for t in tasks if t not in ("wikitext", "needle")]
+    if mc:
+        header = "| config | avg bits | " + " | ".join(f"{t} acc / acc_norm (Δ acc_norm)" for t in mc) + " |"
+        lines += [header, "|---|---:|" + "---:|" * len(mc)]
+        for r in results:
+            cells = []
+            for t in mc:
+                m = r["results"][t]
+                acc, acc_n = mean_se(m["acc"]), mean_se(m["acc_norm"])
+                d = paired(m["acc_norm"], ref["results"][t]["acc_norm"]) if ref else (float("nan"),) * 2
+                cells.append(f"{_fmt(*acc, 100)} / {_fmt(*acc_n, 100)} ({_fmt(*d, 100)})")
+            lines.append(f"| {r['config']} | {r['avg_bits']:.2f} | " + " | ".join(cells) + " |")
+        n = {t: results[0]["results"][t]["n"] for t in mc}
+        frac = {
+            t: r["results"][t]["quantized_context"] for r in results for t in mc if r["config"] == "rule3"
+        }
+        lines.append("")
+        lines.append("n per task: " + ", ".join(f"{t} {n[t]}" for t in mc) + ".")
+        if frac:
+            lines.append(
+                "Context tokens read from sealed pages (AdaKV configs): "
+                + ", ".join(f"{t} {100 * f:.0f}%" for t, f in frac.items())
+                + "."
+            )
+        lines.append("")
+    if "needle" in tasks:
+        lines += ["| config | needle found (all lengths and depths) |", "|---|---:|"]
+        for r in results:
+            m = r["results"]["needle"]
+            lines.append(f"| {r['config']} | {_fmt(*mean_se(m['found']), 100, 0)}% (n={m['n']}) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = []
+    if all("wikitext" in r["results"] for r in results):
+        metrics.append(("wikitext", "KL vs bf16 (nats/token)", lambda m: mean_se(m["kl"])))
+    for task in results[0]["results"]:
+        if task not in ("wikitext", "needle"):
+            metrics.append((task, f"{task} acc_norm", lambda m: mean_se(m["acc_norm"])))
+    for task, label, fn in metrics:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in results:
+            mean, se = fn(r["results"][task])
+            ax.errorbar(r["avg_bits"], mean, yerr=se, fmt="o", capsize=3)
+            ax.annotate(
+                r["config"], (r["avg_bits"], mean), textcoords="offset points", xytext=(4, 4), fontsize=8
+            )
+        ax.set_xlabel("average bits per cached element")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"{task}.png", dpi=120)
+        plt.close(fig)

@@ -1,0 +1,167 @@
+"""The measurements, run inside one engine: WikiText-2 KL/PPL, zero-shot multiple choice, needle.
+
+How the context is read through sealed (quantized) pages: the eval engine prefills every request
+one block per step (`long_prefill_token_threshold = block_size`). A block that fills in step k is
+sealed before step k+1's forward, so a query at position t attends to tokens [0, t//B*B) from
+sealed pages and only its own block [t//B*B, t] from the exact FP16 staging. Each task reports that
+fraction ("quantized context"). Stock fp8 quantizes everything (fraction 1); stock bf16 nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from tqdm import tqdm
+
+from adakv_vllm.eval import data
+
+KL_TOP_K = 256  # bf16 reference keeps its top-256 tokens per position plus the tail mass
+
+
+def quantized_fraction(query_positions, context_len: int | None, block_size: int) -> float:
+    """Mean over queries of the share of their context read from sealed pages."""
+    shares = []
+    for t in query_positions:
+        visible = t + 1 if context_len is None else min(t + 1, context_len)
+        shares.append(min((t // block_size) * block_size, visible) / visible)
+    return sum(shares) / max(1, len(shares))
+
+
+# ---- WikiText-2 ----------------------------------------------------------------------------------
+def wikitext_windows(tokenizer, window: int, limit: int) -> list[list[int]]:
+    """`limit` windows of `window` tokens, evenly spaced over the whole test set."""
+    ids = tokenizer(data.wikitext_text(), add_special_tokens=False).input_ids
+    count = min(limit, len(ids) // window)
+    stride = len(ids) // count
+    return [ids[i * stride : i * stride + window] for i in range(count)]
+
+
+def eval_wikitext(llm, capture, windows, reference: dict | None, block_size: int, uses_pages: bool):
+    """Teacher-forced scoring of the second half of each window.
+
+    Returns per-window NLL and KL lists (paired across configs by window index) and, when
+    `reference` is None, the top-K reference distributions this config produced.
+    """
+    from vllm import SamplingParams, TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+    nll, kl, new_reference = [], [], {"ids": [], "logprobs": []}
+    for w, tokens in enumerate(tqdm(windows, desc="wikitext", unit="win")):
+        half = len(tokens) // 2
+        llm.generate([TokensPrompt(prompt_token_ids=tokens)], params, use_tqdm=False)
+        logprobs = capture.take()[half - 1 :]  # predictions of tokens half..L-1: [P, vocab]
+        targets = torch.tensor(tokens[half:])
+        nll.append(float(-logprobs.gather(1, targets[:, None]).mean()))
+        if reference is None:
+            top = logprobs.topk(KL_TOP_K, dim=-1)
+            new_reference["ids"].append(top.indices)
+            new_reference["logprobs"].append(top.values)
+            kl.append(0.0)
+        else:
+            kl.append(float(_kl(reference["ids"][w], reference["logprobs"][w], logprobs).mean()))
+    positions = range(len(windows[0]) // 2 - 1, len(windows[0]) - 1)
+    return {
+        "nll": nll,
+        "kl": kl,
+        "ppl": math.exp(sum(nll) / len(nll)),
+        "quantized_context": quantized_fraction(positions, None, block_size) if uses_pages else None,
+        "num_windows": len(windows),
+        "window": len(windows[0]),
+        "scored_per_window": len(windows[0]) - len(windows[0]) // 2,
+    }, (new_reference if reference is None else None)
+
+
+def _kl(ref_ids: torch.Tensor, ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(P_ref || Q) per position over the reference's top-K tokens plus one tail bucket.
+
+    Coarsening the vocabulary can only lower KL (data-processing inequality), so this is a tight
+    lower bound when the top-K hold almost all of P's mass (K=256 on SmolLM2: typically > 0.99).
+    """
+    p = ref_logprobs.exp()  # [P, K]
+    q_log = logprobs.gather(1, ref_ids)  # [P, K]
+    p_tail = (1 - p.sum(-1)).clamp_min(1e-12)
+    q_tail = (1 - q_log.exp().sum(-1)).clamp_min(1e-12)
+    return (p * (ref_logprobs - q_log)).sum(-1) + p_tail * (p_tail.log() - q_tail.log())
+
+
+# ---- zero-shot multiple choice -------------------------------------------------------------------
+def eval_mc(llm, tokenizer, task: str, limit: int | None, block_size: int, uses_pages: bool):
+    from vllm import SamplingParams, TokensPrompt
+
+    examples = data.load_mc(task, limit)
+    prompts, spans, queries = [], [], []
+    for ex in examples:
+        for choice in ex.choices:
+            ctx = tokenizer(choice.context, add_special_tokens=False).input_ids
+            cont = tokenizer(choice.continuation, add_special_tokens=False).input_ids
+            prompts.append(TokensPrompt(prompt_token_ids=ctx + cont))
+            spans.append((len(ctx), len(cont)))
+            queries.append((range(len(ctx) - 1, len(ctx) + len(cont) - 1), len(ctx)))
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    scores = []
+    for out, (n_ctx, n_cont) in zip(outputs, spans, strict=True):
+        ids = out.prompt_token_ids
+        lp = out.prompt_logprobs  # list: None for position 0, then {token_id: Logprob}
+        scores.append(sum(lp[i][ids[i]].logprob for i in range(n_ctx, n_ctx + n_cont)))
+    acc, acc_norm, k = [], [], 0
+    for ex in examples:
+        s = scores[k : k + len(ex.choices)]
+        lengths = [len(c.continuation) for c in ex.choices]
+        k += len(ex.choices)
+        acc.append(float(max(range(len(s)), key=lambda i: s[i]) == ex.label))
+        acc_norm.append(float(max(range(len(s)), key=lambda i: s[i] / lengths[i]) == ex.label))
+    fraction = (
+        sum(quantized_fraction(q, n, block_size) for q, n in queries) / len(queries) if uses_pages else None
+    )
+    return {"acc": acc, "acc_norm": acc_norm, "n": len(examples), "quantized_context": fraction}
+
+
+# ---- needle retrieval ----------------------------------------------------------------------------
+NEEDLE_DEPTHS = (0.1, 0.5, 0.9)
+QUESTION = "\nWhat is the secret passkey mentioned in the text above? The secret passkey is"
+
+
+def eval_needle(llm, tokenizer, lengths: list[int], seed: int = 0):
+    from vllm import SamplingParams, TokensPrompt
+
+    rng = random.Random(seed)
+    haystack = tokenizer(data.wikitext_text()[:400_000], add_special_tokens=False).input_ids
+    question = tokenizer(QUESTION, add_special_tokens=False).input_ids
+    prompts, keys, cells = [], [], []
+    for length in lengths:
+        for depth in NEEDLE_DEPTHS:
+            key = f"{rng.randint(10000, 99999)}"
+            needle = tokenizer(
+                f" The secret passkey is {key}. Remember it. ", add_special_tokens=False
+            ).input_ids
+            body = length - len(needle) - len(question)
+            start = rng.randint(0, len(haystack) - body - 1)
+            text = haystack[start : start + body]
+            cut = int(depth * body)
+            prompts.append(TokensPrompt(prompt_token_ids=text[:cut] + needle + text[cut:] + question))
+            keys.append(key)
+            cells.append((length, depth))
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    found = [float(key in out.outputs[0].text) for key, out in zip(keys, outputs, strict=True)]
+    return {"found": found, "cells": cells, "n": len(found)}
+
+
+# ---- statistics ----------------------------------------------------------------------------------
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def paired(values: list[float], reference: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-example difference values - reference."""
+    return mean_se([a - b for a, b in zip(values, reference, strict=True)])

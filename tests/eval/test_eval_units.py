@@ -1,0 +1,110 @@
+"""Evaluation pieces that need no engine: data loaders, KL, statistics, quantized fractions, report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adakv_vllm.eval import data, report, tasks
+from adakv_vllm.eval.configs import CONFIGS, parse_configs
+
+EXPECTED_SIZES = {
+    "hellaswag": 10042,
+    "arc_easy": 2376,
+    "piqa": 1838,
+    "winogrande": 1267,
+    "openbookqa": 500,
+    "boolq": 3270,
+}
+
+
+@pytest.mark.parametrize("task", sorted(EXPECTED_SIZES))
+def test_loaders_read_shared_data(task):
+    examples = data.load_mc(task, None)
+    assert len(examples) == EXPECTED_SIZES[task]
+    for ex in examples[:50]:
+        assert 0 <= ex.label < len(ex.choices) and len(ex.choices) >= 2
+        assert all(c.continuation.startswith(" ") and c.context for c in ex.choices)
+    assert len(data.load_mc(task, 7)) == 7
+
+
+def test_winogrande_fills_the_blank():
+    ex = data.load_mc("winogrande", 1)[0]
+    assert ex.choices[0].context.endswith("Sarah") and ex.choices[1].context.endswith("Maria")
+    assert ex.choices[0].continuation == " always got the easier cases." and ex.label == 1
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task"):
+        data.load_mc("mmlu", 1)
+
+
+def test_kl_exact_when_top_k_is_the_vocabulary():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(5, 12, generator=gen).log_softmax(-1)
+    q = torch.randn(5, 12, generator=gen).log_softmax(-1)
+    top = p.topk(12, dim=-1)
+    exact = (p.exp() * (p - q)).sum(-1)
+    torch.testing.assert_close(tasks._kl(top.indices, top.values, q), exact, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(tasks._kl(top.indices, top.values, p), torch.zeros(5), atol=1e-6)
+
+
+def test_kl_truncated_is_a_lower_bound():
+    gen = torch.Generator().manual_seed(1)
+    p = torch.randn(4, 50, generator=gen).log_softmax(-1)
+    q = torch.randn(4, 50, generator=gen).log_softmax(-1)
+    top = p.topk(10, dim=-1)
+    exact = (p.exp() * (p - q)).sum(-1)
+    approx = tasks._kl(top.indices, top.values, q)
+    assert (approx <= exact + 1e-6).all() and (approx >= 0).all()
+
+
+def test_quantized_fraction():
+    # block 4: query at position 9 sees 10 tokens, 8 of them in sealed blocks
+    assert tasks.quantized_fraction([9], None, 4) == pytest.approx(0.8)
+    # a context of 6 tokens, query at 9: min(8, 6) / 6 = 1
+    assert tasks.quantized_fraction([9], 6, 4) == 1.0
+    assert tasks.quantized_fraction([2], None, 4) == 0.0
+
+
+def test_statistics():
+    mean, se = tasks.mean_se([1.0, 0.0, 1.0, 0.0])
+    assert mean == 0.5 and se == pytest.approx(math.sqrt(1 / 3 / 4))
+    d, d_se = tasks.paired([1.0, 1.0, 0.0], [1.0, 0.0, 0.0])
+    assert d == pytest.approx(1 / 3) and d_se > 0
+
+
+def test_configs():
+    assert [c.name for c in parse_configs("bf16, rule3")] == ["bf16", "rule3"]
+    assert CONFIGS["fp8"].llm_kwargs()["kv_cache_dtype"] == "fp8"
+    assert CONFIGS["random3"].llm_kwargs()["additional_config"]["target_bits"] == 3
+    with pytest.raises(ValueError, match="unknown config"):
+        parse_configs("bf16,int3")
+
+
+def _fake(name, bits, acc):
+    return {
+        "config": name,
+        "avg_bits": bits,
+        "results": {
+            "wikitext": {"nll": [2.0, 3.0], "kl": [0.0, 0.1], "ppl": 12.2, "quantized_context": 0.9},
+            "piqa": {"acc": acc, "acc_norm": acc, "n": len(acc), "quantized_context": 0.5},
+        },
+    }
+
+
+def test_report_markdown_and_plots(tmp_path):
+    results = [_fake("bf16", 16, [1.0, 0.0, 1.0]), _fake("rule3", 3.0, [1.0, 0.0, 0.0])]
+    settings = {
+        "model": "/m/SmolLM2",
+        "tasks": ["wikitext", "piqa"],
+        "limit": 3,
+        "wikitext_limit": 2,
+        "wikitext_window": 8,
+    }
+    table = report.markdown(results, settings)
+    assert "| rule3 | 3.00 |" in table and "-33.3 ± 33.3" in table
+    report.plots(results, tmp_path)
+    assert (tmp_path / "wikitext.png").stat().st_size > 0 and (tmp_path / "piqa.png").stat().st_size > 0
