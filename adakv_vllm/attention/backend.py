@@ -103,6 +103,10 @@ def gather_scratch(store, layer: int, md: CPUAttentionMetadata, isa: str):
     table = md.block_table[:num_reqs, :width].to(torch.int64)
     needed = torch.arange(width)[None, :] < blocks_per_req[:, None]  # [num_reqs, width]
     block_ids, inverse = torch.unique(table[needed], return_inverse=True)
+    if layer == 0:
+        sealed_per_req = (store.sealed[table] & needed).sum(1) * bs  # [num_reqs]
+        query_lens = md.query_start_loc[1 : num_reqs + 1] - md.query_start_loc[:num_reqs]
+        store.count_reads(query_lens, md.seq_lens, sealed_per_req)
     key, value = store.gather(layer, block_ids)  # [U, bs, H, D]
     u, _, h, d = key.shape
     scratch = torch.empty(u, h, 2 * bs, d, dtype=key.dtype)

@@ -46,6 +46,9 @@ class KVStore:
         self.sealed = torch.zeros(num_blocks, dtype=torch.bool)  # [num_blocks]
         self.pages: list[torch.Tensor | None] = [None] * num_layers  # each [num_blocks, page_bytes] uint8
         self._features: dict[str, torch.Tensor] | None = None
+        # Attention token-reads (query x visible key) served from sealed pages vs in all; layer 0.
+        self.sealed_reads = 0
+        self.total_reads = 0
 
     # ---- binding -------------------------------------------------------------------------------
     def bind(self, layer: int, kv_cache: torch.Tensor) -> None:
@@ -138,6 +141,15 @@ class KVStore:
         if (~sealed).any():
             key[~sealed], value[~sealed] = self.staging.read(layer, block_ids[~sealed])
         return key, value
+
+    def count_reads(
+        self, query_lens: torch.Tensor, seq_lens: torch.Tensor, sealed_tokens: torch.Tensor
+    ) -> None:
+        """Account one layer's reads. All tensors [num_reqs]; sealed blocks precede every query."""
+        q, s = query_lens.to(torch.int64), seq_lens.to(torch.int64)
+        # a query at position p reads p+1 tokens; positions run from s-q to s-1
+        self.total_reads += int((q * (s - q) + q * (q + 1) // 2).sum())
+        self.sealed_reads += int((q * sealed_tokens.to(torch.int64)).sum())
 
     def bits(self, block_ids: torch.Tensor):
         """The bit map of sealed blocks, read back from layer 0's pages: -> key_bits, value_bits [n, bs]."""

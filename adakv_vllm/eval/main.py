@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from adakv_vllm.eval import report
@@ -32,12 +33,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wikitext-window", type=int, default=512, help="tokens per window (2nd half scored)"
     )
-    parser.add_argument("--needle-lengths", default="1024,2048,4096,8000", help="prompt lengths in tokens")
+    parser.add_argument(
+        "--needle-lengths", default="1024,2048,4096", help="prompt lengths in tokens (<= 8150)"
+    )
     parser.add_argument(
         "--out", type=Path, default=Path("results/eval"), help="folder for JSON, table, plots"
     )
     parser.add_argument("--kv-space-gib", default="4", help="VLLM_CPU_KVCACHE_SPACE for every engine")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=32,
+        help="KV block size for every config (stock CPU attention needs a multiple of 32)",
+    )
     parser.add_argument("--force", action="store_true", help="re-run configs that already have results")
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        help="run configs as Ray tasks on this cluster ('local' starts a local Ray instance)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -58,33 +72,107 @@ def main(args: argparse.Namespace) -> int:
         "wikitext_limit": args.wikitext_limit,
         "wikitext_window": args.wikitext_window,
         "needle_lengths": needle_lengths,
+        "block_size": args.block_size,
     }
     signature = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     args.out.mkdir(parents=True, exist_ok=True)
-    reference_path = args.out / f"reference-wikitext-{signature}.pt"
-    for i, config in enumerate(configs, 1):
+    mc = [t for t in tasks if t in MC_TASKS]
+    phases = [
+        (name, ts)
+        for name, ts in (
+            ("wikitext", ["wikitext"] if "wikitext" in tasks else []),
+            ("mc", mc),
+            ("needle", ["needle"] if "needle" in tasks else []),
+        )
+        if ts
+    ]
+    todo = []
+    for config in configs:
         path = args.out / f"{config.name}.json"
         if not args.force and path.is_file() and json.loads(path.read_text()).get("signature") == signature:
-            print(f"[{i}/{len(configs)}] {config.name}: reusing {path}", file=sys.stderr)
-            continue
-        print(f"[{i}/{len(configs)}] {config.name}: running", file=sys.stderr, flush=True)
-        spec = {
-            **settings,
-            "config": config.name,
-            "signature": signature,
-            "output": str(path),
-            "reference_path": str(reference_path),
-            "is_reference": config.name == REFERENCE,
-        }
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": args.kv_space_gib}
-        proc = subprocess.run([sys.executable, "-m", "adakv_vllm.eval.run_config", json.dumps(spec)], env=env)
-        if proc.returncode != 0:
-            raise SystemExit(
-                f"config {config.name} failed (exit {proc.returncode}); finished configs are kept"
-            )
+            print(f"{config.name}: reusing {path}", file=sys.stderr)
+        else:
+            todo.append(config)
+    reference_path = args.out / f"reference-wikitext-{signature}.pt"
+    job = dict(phases=phases, settings=settings, signature=signature, kv_space=args.kv_space_gib)
+    # The bf16 reference runs first: every other config's KL needs its distributions.
+    first = [c for c in todo if c.name == REFERENCE]
+    rest = [c for c in todo if c.name != REFERENCE]
+    if args.ray_address:
+        _run_with_ray(args.ray_address, first, rest, job, reference_path, args.out)
+    else:
+        for i, config in enumerate(first + rest, 1):
+            print(f"[{i}/{len(todo)}] {config.name}", file=sys.stderr, flush=True)
+            merged, ref = run_config(config.name, reference=_read(reference_path), **job)
+            _store(args.out, merged, ref, reference_path)
     results = [json.loads((args.out / f"{c.name}.json").read_text()) for c in configs]
     table = report.markdown(results, settings)
     (args.out / "results.md").write_text(table)
     report.plots(results, args.out)
     print(table)
     return 0
+
+
+def run_config(name, phases, settings, signature, kv_space, reference):
+    """Run every phase of one config, each in its own engine process, in a private temp folder, so
+    it can run on any machine (a Ray worker included). reference: bytes of the bf16 WikiText
+    reference or None. -> (merged result dict, reference bytes this run produced or None)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        reference_path = Path(tmp) / "reference.pt"
+        if reference is not None:
+            reference_path.write_bytes(reference)
+        merged: dict = {"config": name, "signature": signature, "results": {}, "seconds": 0.0}
+        for phase, phase_tasks in phases:
+            print(f"  {name}: {phase} ({', '.join(phase_tasks)})", file=sys.stderr, flush=True)
+            part = Path(tmp) / f"{phase}.json"
+            spec = {
+                **settings,
+                "tasks": phase_tasks,
+                "phase": phase,
+                "config": name,
+                "signature": signature,
+                "output": str(part),
+                "reference_path": str(reference_path),
+                "is_reference": name == REFERENCE,
+            }
+            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": kv_space}
+            cmd = [sys.executable, "-m", "adakv_vllm.eval.run_config", json.dumps(spec)]
+            if subprocess.run(cmd, env=env).returncode != 0:
+                raise RuntimeError(f"config {name} ({phase}) failed; finished configs are kept")
+            result = json.loads(part.read_text())
+            merged["results"].update(result["results"])
+            merged["seconds"] += result["seconds"]
+            merged.setdefault("avg_bits_by_phase", {})[phase] = result["avg_bits"]
+        merged["avg_bits"] = _mean_bits(merged["avg_bits_by_phase"])
+        produced = reference_path.read_bytes() if reference is None and reference_path.is_file() else None
+        return merged, produced
+
+
+def _run_with_ray(address, first, rest, job, reference_path, out) -> None:
+    """Each config is one Ray task with its own engines; tasks ask for every CPU of a node (vLLM
+    engines must not share cores), so a cluster runs as many configs at once as it has nodes."""
+    import ray
+
+    ray.init(address=None if address == "local" else address, ignore_reinit_error=True)
+    cpus = int(min(node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]))
+    remote = ray.remote(num_cpus=cpus)(run_config)
+    for group in (first, rest):
+        refs = [remote.remote(c.name, reference=_read(reference_path), **job) for c in group]
+        for merged, ref in ray.get(refs):
+            _store(out, merged, ref, reference_path)
+            print(f"{merged['config']}: done on Ray", file=sys.stderr, flush=True)
+
+
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def _store(out: Path, merged: dict, reference: bytes | None, reference_path: Path) -> None:
+    if reference is not None:
+        reference_path.write_bytes(reference)
+    (out / f"{merged['config']}.json").write_text(json.dumps(merged))
+
+
+def _mean_bits(by_phase: dict[str, float]) -> float:
+    values = [v for v in by_phase.values() if v == v]  # drop NaN (a phase that sealed nothing)
+    return sum(values) / len(values) if values else float("nan")

@@ -1,5 +1,6 @@
-"""Run every requested task for ONE config in this process, write its JSON. Spawned by `adakv eval`
-(one process per engine: vLLM engines do not share a process well, and a crash loses one config).
+"""Run one phase ("wikitext", "mc" or "needle") of ONE config in this process and write its JSON.
+Spawned by `adakv eval`: one process per engine (vLLM engines do not share a process well, and a
+crash loses one phase of one config).
 
     python -m adakv_vllm.eval.run_config SPEC_JSON
 """
@@ -18,17 +19,22 @@ from adakv_vllm.eval.configs import CONFIGS
 from adakv_vllm.quant.precision import PRECISIONS
 
 # The same engine settings for every config (stock ones included), so differences are the cache's.
-BLOCK_SIZE = 32
-ENGINE_SETTINGS = dict(
-    enforce_eager=True,
-    max_model_len=8192,
-    gpu_memory_utilization=0.5,
-    block_size=BLOCK_SIZE,
-    long_prefill_token_threshold=BLOCK_SIZE,  # one block per request per step: see tasks.py
-    max_num_seqs=16,
-    max_num_batched_tokens=512,
-    seed=0,
-)
+# Scored prompts are prefilled one block per request per step, so their queries read earlier blocks
+# from sealed pages (tasks.py): WikiText runs one window at a time with a one-block step budget
+# (vLLM lifts long_prefill_token_threshold when a single request runs); the multiple-choice tasks
+# batch many requests, each capped at one block per step. The needle is scored on generated tokens,
+# which read every full block of the prompt from sealed pages whatever the prefill chunking.
+COMMON = dict(enforce_eager=True, max_model_len=8192, gpu_memory_utilization=0.5, seed=0)
+
+
+def phase_settings(phase: str, block_size: int) -> dict:
+    if phase == "wikitext":
+        return dict(max_num_seqs=1, max_num_batched_tokens=block_size)
+    if phase == "mc":
+        return dict(max_num_seqs=16, max_num_batched_tokens=512, long_prefill_token_threshold=block_size)
+    if phase == "needle":
+        return dict(max_num_seqs=16, max_num_batched_tokens=1024)
+    raise ValueError(f"unknown phase {phase!r}")
 
 
 def run(spec: dict) -> dict:
@@ -41,7 +47,9 @@ def run(spec: dict) -> dict:
 
     config = CONFIGS[spec["config"]]
     started = time.time()
-    llm = LLM(spec["model"], **ENGINE_SETTINGS, **config.llm_kwargs())
+    block_size = spec["block_size"]
+    settings = phase_settings(spec["phase"], block_size)
+    llm = LLM(spec["model"], **COMMON, block_size=block_size, **settings, **config.llm_kwargs())
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     uses_pages = config.adakv is not None
     capture = PromptLogprobCapture()
@@ -49,15 +57,14 @@ def run(spec: dict) -> dict:
     with capture.installed():
         for task in spec["tasks"]:
             print(f"[{config.name}] {task}", file=sys.stderr, flush=True)
+            reads_before = _reads(uses_pages)
             if task == "wikitext":
                 windows = tasks.wikitext_windows(tokenizer, spec["wikitext_window"], spec["wikitext_limit"])
                 ref_path = Path(spec["reference_path"])
                 reference = torch.load(ref_path) if ref_path.is_file() else None
                 if reference is None and not spec["is_reference"]:
                     raise RuntimeError(f"run the reference config first: {ref_path} is missing")
-                out, new_reference = tasks.eval_wikitext(
-                    llm, capture, windows, reference, BLOCK_SIZE, uses_pages
-                )
+                out, new_reference = tasks.eval_wikitext(llm, capture, windows, reference)
                 if new_reference is not None:
                     ref_path.parent.mkdir(parents=True, exist_ok=True)
                     torch.save(new_reference, ref_path)
@@ -65,7 +72,8 @@ def run(spec: dict) -> dict:
             elif task == "needle":
                 results[task] = tasks.eval_needle(llm, tokenizer, spec["needle_lengths"])
             else:
-                results[task] = tasks.eval_mc(llm, tokenizer, task, spec["limit"], BLOCK_SIZE, uses_pages)
+                results[task] = tasks.eval_mc(llm, tokenizer, task, spec["limit"])
+            results[task]["quantized_reads"] = _quantized_share(reads_before, _reads(uses_pages), config)
     return {
         "config": config.name,
         "signature": spec["signature"],
@@ -73,6 +81,23 @@ def run(spec: dict) -> dict:
         "results": results,
         "seconds": time.time() - started,
     }
+
+
+def _reads(uses_pages: bool) -> tuple[int, int]:
+    if not uses_pages:
+        return 0, 0
+    from adakv_vllm.attention import runtime
+
+    store = runtime.store()
+    return store.sealed_reads, store.total_reads
+
+
+def _quantized_share(before, after, config) -> float | None:
+    """Share of attention token-reads served from sealed (quantized) pages during one task."""
+    if config.adakv is None:
+        return 1.0 if config.kv_cache_dtype != "auto" else 0.0
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total else 0.0
 
 
 def _average_bits(llm, config) -> float:

@@ -1,10 +1,11 @@
 """The measurements, run inside one engine: WikiText-2 KL/PPL, zero-shot multiple choice, needle.
 
-How the context is read through sealed (quantized) pages: the eval engine prefills every request
-one block per step (`long_prefill_token_threshold = block_size`). A block that fills in step k is
-sealed before step k+1's forward, so a query at position t attends to tokens [0, t//B*B) from
-sealed pages and only its own block [t//B*B, t] from the exact FP16 staging. Each task reports that
-fraction ("quantized context"). Stock fp8 quantizes everything (fraction 1); stock bf16 nothing.
+How the context is read through sealed (quantized) pages: the eval engines prefill every request
+one block per step (run_config.py). A block that fills in step k is sealed before step k+1's
+forward, so a query at position t attends to tokens [0, t//B*B) from sealed pages and only its own
+block from the exact FP16 staging. The share of attention reads served from sealed pages is
+measured by the KV store and reported per task ("quantized reads"); stock fp8 quantizes everything
+(1.0), stock bf16 nothing (0.0).
 """
 
 from __future__ import annotations
@@ -20,15 +21,6 @@ from adakv_vllm.eval import data
 KL_TOP_K = 256  # bf16 reference keeps its top-256 tokens per position plus the tail mass
 
 
-def quantized_fraction(query_positions, context_len: int | None, block_size: int) -> float:
-    """Mean over queries of the share of their context read from sealed pages."""
-    shares = []
-    for t in query_positions:
-        visible = t + 1 if context_len is None else min(t + 1, context_len)
-        shares.append(min((t // block_size) * block_size, visible) / visible)
-    return sum(shares) / max(1, len(shares))
-
-
 # ---- WikiText-2 ----------------------------------------------------------------------------------
 def wikitext_windows(tokenizer, window: int, limit: int) -> list[list[int]]:
     """`limit` windows of `window` tokens, evenly spaced over the whole test set."""
@@ -38,7 +30,7 @@ def wikitext_windows(tokenizer, window: int, limit: int) -> list[list[int]]:
     return [ids[i * stride : i * stride + window] for i in range(count)]
 
 
-def eval_wikitext(llm, capture, windows, reference: dict | None, block_size: int, uses_pages: bool):
+def eval_wikitext(llm, capture, windows, reference: dict | None):
     """Teacher-forced scoring of the second half of each window.
 
     Returns per-window NLL and KL lists (paired across configs by window index) and, when
@@ -61,12 +53,10 @@ def eval_wikitext(llm, capture, windows, reference: dict | None, block_size: int
             kl.append(0.0)
         else:
             kl.append(float(_kl(reference["ids"][w], reference["logprobs"][w], logprobs).mean()))
-    positions = range(len(windows[0]) // 2 - 1, len(windows[0]) - 1)
     return {
         "nll": nll,
         "kl": kl,
         "ppl": math.exp(sum(nll) / len(nll)),
-        "quantized_context": quantized_fraction(positions, None, block_size) if uses_pages else None,
         "num_windows": len(windows),
         "window": len(windows[0]),
         "scored_per_window": len(windows[0]) - len(windows[0]) // 2,
@@ -87,18 +77,17 @@ def _kl(ref_ids: torch.Tensor, ref_logprobs: torch.Tensor, logprobs: torch.Tenso
 
 
 # ---- zero-shot multiple choice -------------------------------------------------------------------
-def eval_mc(llm, tokenizer, task: str, limit: int | None, block_size: int, uses_pages: bool):
+def eval_mc(llm, tokenizer, task: str, limit: int | None):
     from vllm import SamplingParams, TokensPrompt
 
     examples = data.load_mc(task, limit)
-    prompts, spans, queries = [], [], []
+    prompts, spans = [], []
     for ex in examples:
         for choice in ex.choices:
             ctx = tokenizer(choice.context, add_special_tokens=False).input_ids
             cont = tokenizer(choice.continuation, add_special_tokens=False).input_ids
             prompts.append(TokensPrompt(prompt_token_ids=ctx + cont))
             spans.append((len(ctx), len(cont)))
-            queries.append((range(len(ctx) - 1, len(ctx) + len(cont) - 1), len(ctx)))
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     outputs = llm.generate(prompts, params, use_tqdm=True)
     scores = []
@@ -113,10 +102,7 @@ def eval_mc(llm, tokenizer, task: str, limit: int | None, block_size: int, uses_
         k += len(ex.choices)
         acc.append(float(max(range(len(s)), key=lambda i: s[i]) == ex.label))
         acc_norm.append(float(max(range(len(s)), key=lambda i: s[i] / lengths[i]) == ex.label))
-    fraction = (
-        sum(quantized_fraction(q, n, block_size) for q, n in queries) / len(queries) if uses_pages else None
-    )
-    return {"acc": acc, "acc_norm": acc_norm, "n": len(examples), "quantized_context": fraction}
+    return {"acc": acc, "acc_norm": acc_norm, "n": len(examples)}
 
 
 # ---- needle retrieval ----------------------------------------------------------------------------

@@ -61,14 +61,6 @@ def test_kl_truncated_is_a_lower_bound():
     assert (approx <= exact + 1e-6).all() and (approx >= 0).all()
 
 
-def test_quantized_fraction():
-    # block 4: query at position 9 sees 10 tokens, 8 of them in sealed blocks
-    assert tasks.quantized_fraction([9], None, 4) == pytest.approx(0.8)
-    # a context of 6 tokens, query at 9: min(8, 6) / 6 = 1
-    assert tasks.quantized_fraction([9], 6, 4) == 1.0
-    assert tasks.quantized_fraction([2], None, 4) == 0.0
-
-
 def test_statistics():
     mean, se = tasks.mean_se([1.0, 0.0, 1.0, 0.0])
     assert mean == 0.5 and se == pytest.approx(math.sqrt(1 / 3 / 4))
@@ -89,8 +81,8 @@ def _fake(name, bits, acc):
         "config": name,
         "avg_bits": bits,
         "results": {
-            "wikitext": {"nll": [2.0, 3.0], "kl": [0.0, 0.1], "ppl": 12.2, "quantized_context": 0.9},
-            "piqa": {"acc": acc, "acc_norm": acc, "n": len(acc), "quantized_context": 0.5},
+            "wikitext": {"nll": [2.0, 3.0], "kl": [0.0, 0.1], "ppl": 12.2, "quantized_reads": 0.9},
+            "piqa": {"acc": acc, "acc_norm": acc, "n": len(acc), "quantized_reads": 0.5},
         },
     }
 
