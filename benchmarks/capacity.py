@@ -12,33 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.conftest import PROMPTS  # noqa: E402
+from tests.e2e.conftest import PROMPTS, run_probe  # noqa: E402
 
 LLM_ARGS = {"max_num_seqs": 8, "max_num_batched_tokens": 512}
 
 
 def run(adakv: dict | None, kv_space: str) -> dict:
     spec = {"adakv": adakv, "llm": LLM_ARGS, "prompts": PROMPTS, "max_tokens": 64}
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=kv_space)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.e2e.probe", json.dumps(spec)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    for line in proc.stdout.splitlines():
-        if line.startswith("PROBE-RESULT "):
-            return json.loads(line[len("PROBE-RESULT ") :])
-    raise SystemExit(f"engine failed for {adakv}:\n{proc.stderr[-4000:]}")
+    return run_probe(spec, env={"VLLM_CPU_KVCACHE_SPACE": kv_space})
 
 
 def agreement(a: dict, b: dict) -> float:

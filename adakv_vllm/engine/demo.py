@@ -29,7 +29,7 @@ LONG_CONTEXT = (
 PROMPTS = (
     "The capital of France is",
     "def fibonacci(n):",
-    LONG_CONTEXT + "\n\nQuestion: Which country holds most of the Amazon rainforest?\nAnswer:",
+    LONG_CONTEXT + "\n\nIn one sentence, the country that holds most of the Amazon rainforest is",
 )
 
 

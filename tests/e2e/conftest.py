@@ -28,7 +28,7 @@ KV_SPACE_GIB = "2"
 
 
 def run_probe(spec: dict, env: dict | None = None, timeout: int = 600) -> dict:
-    full_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=KV_SPACE_GIB, **(env or {}))
+    full_env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": KV_SPACE_GIB, **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "tests.e2e.probe", json.dumps(spec)],
         cwd=ROOT,
