@@ -49,6 +49,8 @@ def test_environment_switch_activates(engine_args, monkeypatch):
         ({"additional_config": {"kv_cache_plugin": "adakv", "target_bits": 1}}, r"\[2, 16\]"),
         ({"additional_config": {"kv_cache_plugin": "adakv"}, "kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
         ({"additional_config": {"kv_cache_plugin": "other"}}, "unknown kv_cache_plugin"),
+        ({"additional_config": {"kv_cache_plugin": "adakv"}, "scheduling_policy": "priority"}, "priority"),
+        ({"additional_config": {"kv_cache_plugin": "adakv"}, "pipeline_parallel_size": 2}, "pipeline"),
     ],
 )
 def test_bad_options_fail_at_start(engine_args, monkeypatch, kwargs, match):

@@ -107,7 +107,16 @@ def _activate(platform_cls, vllm_config) -> None:
         check_head_size(model.get_head_size())
         if model.use_mla:
             raise ValueError("AdaKV does not support MLA attention models")
+        if model.get_sliding_window():
+            # vLLM frees blocks that leave the window while the attention gather still walks them.
+            raise ValueError("AdaKV does not support sliding-window attention models yet")
     parallel = vllm_config.parallel_config
+    if parallel.pipeline_parallel_size > 1:
+        raise ValueError("AdaKV does not support pipeline parallelism (tensor parallelism works)")
+    if vllm_config.scheduler_config.policy == "priority":
+        # Priority scheduling can preempt a request scheduled earlier in the same step, after vLLM
+        # already hashed its new blocks; AdaKV would release their staging before they seal.
+        raise ValueError("AdaKV does not support --scheduling-policy priority yet")
     if parallel.worker_cls not in ("auto", WORKER_PATH):
         raise ValueError(f"AdaKV needs its own worker class but worker_cls is {parallel.worker_cls!r}")
     parallel.worker_cls = WORKER_PATH

@@ -109,20 +109,32 @@ class AdaKVScheduler(Scheduler):
         output = super().schedule(*args, **kwargs)
 
         for block in self._newly_allocated(output):
+            # A fresh id: whatever it held before (sealed page, pending seal of a request freed
+            # inside this very schedule() call) is gone; the new owner's writes re-open it.
             self._sealed.discard(block)
             self._qerr.pop(block, None)
             candidates.pop(block, None)
+            self._freed_full.pop(block, None)
         output.adakv_release, self._freed_partial = self._freed_partial, []
         output.adakv_seal = self._plan(candidates) if candidates else None
         return output
 
     def _newly_allocated(self, output) -> set[int]:
+        """Block ids handed out by this step's allocation (prefix-cache hits excluded)."""
         bs = self.layout.block_size
         fresh: set[int] = set()
         for new in output.scheduled_new_reqs:
             fresh.update(new.block_ids[0][new.num_computed_tokens // bs :])
-        for block_ids in output.scheduled_cached_reqs.new_block_ids:
-            if block_ids is not None:
+        cached = output.scheduled_cached_reqs
+        for req_id, block_ids, num_computed in zip(
+            cached.req_ids, cached.new_block_ids, cached.num_computed_tokens, strict=True
+        ):
+            if block_ids is None:
+                continue
+            if req_id in cached.resumed_req_ids:
+                # A resumed request lists all its blocks; the leading ones are prefix-cache hits.
+                fresh.update(block_ids[0][num_computed // bs :])
+            else:
                 fresh.update(block_ids[0])
         return fresh
 
