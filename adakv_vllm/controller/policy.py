@@ -37,6 +37,9 @@ class BlockTokens:
     positions: torch.Tensor  # [T] int64, position in the sequence
     qerr: torch.Tensor  # [T, 3] relative reconstruction error at 2/4/8 bits (NaN = unknown)
     first_occurrence: torch.Tensor  # [T] bool, token id not seen earlier in the sequence
+    # [T, 2] entropy (nats) and probability of the distribution that sampled each generated token;
+    # NaN for prompt tokens (no sampler ran for them). Not used by these policies; the learned one.
+    sampled: torch.Tensor | None = None
 
 
 class Policy:

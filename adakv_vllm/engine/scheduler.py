@@ -57,7 +57,10 @@ class AdaKVScheduler(Scheduler):
         self.prefix_caching = bool(self.cache_config.enable_prefix_caching)
         self._sealed: set[int] = set()
         self._qerr: dict[int, torch.Tensor] = {}  # block id -> [block_size, 3]
-        self._freed_full: dict[int, tuple[list[int], int]] = {}  # block id -> (token ids, first position)
+        # block id -> (token ids up to the block's end, first position, sampled-token features)
+        self._freed_full: dict[int, tuple[list[int], int, dict]] = {}
+        # request id -> {position: (entropy, probability)} of its sampled tokens not yet sealed
+        self._sampled: dict[str, dict[int, tuple[float, float]]] = {}
         self._freed_partial: list[int] = []
         self.bits_histogram = torch.zeros(len(PRECISIONS), dtype=torch.int64)
         self._log_startup()
@@ -104,7 +107,8 @@ class AdaKVScheduler(Scheduler):
             for i in range(min(request.num_computed_tokens // bs, len(block_ids))):
                 block = block_ids[i]
                 if block not in self._sealed and block not in candidates:
-                    candidates[block] = (list(tokens[: (i + 1) * bs]), i * bs)
+                    sampled = self._sampled.setdefault(request.request_id, {})
+                    candidates[block] = (list(tokens[: (i + 1) * bs]), i * bs, sampled)
 
         output = super().schedule(*args, **kwargs)
 
@@ -138,27 +142,30 @@ class AdaKVScheduler(Scheduler):
                 fresh.update(block_ids[0])
         return fresh
 
-    def _plan(self, candidates: dict[int, tuple[list[int], int]]):
+    def _plan(self, candidates: dict[int, tuple[list[int], int, dict]]):
         bs = self.layout.block_size
         block_ids = sorted(candidates)
         bits = torch.empty(len(block_ids), bs, dtype=torch.int64)
         for row, block in enumerate(block_ids):
-            prefix, start = candidates[block]
+            prefix, start, sampled = candidates[block]
             if self.adakv.target_bits >= PRECISIONS[-1].bits:
                 bits[row] = PRECISIONS[-1].bits  # every policy stores FP16 at 16 bits
             else:
-                tokens = self._block_tokens(block, prefix, start)
+                tokens = self._block_tokens(block, prefix, start, sampled)
                 weight, distortion = self.policy.scores(tokens)
                 floor = self.policy.floor(tokens)
                 bits[row] = planner.allocate(weight, distortion, self.token_cost, self.page_budget, floor)
             self._sealed.add(block)
             self._qerr.pop(block, None)
+            for position in range(start, start + bs):
+                sampled.pop(position, None)
         for i, p in enumerate(PRECISIONS):
             self.bits_histogram[i] += int((bits == p.bits).sum())
         return torch.tensor(block_ids, dtype=torch.int64), bits
 
-    def _block_tokens(self, block: int, prefix: list[int], start: int) -> BlockTokens:
-        """prefix: the sequence's tokens up to the end of this block; start: its first position."""
+    def _block_tokens(self, block: int, prefix: list[int], start: int, sampled: dict) -> BlockTokens:
+        """prefix: the sequence's tokens up to the end of this block; start: its first position;
+        sampled: {position: (entropy, probability)} of the sequence's sampled tokens."""
         bs = self.layout.block_size
         seen = set(prefix[:start])
         first = []
@@ -171,6 +178,7 @@ class AdaKVScheduler(Scheduler):
             positions=torch.arange(start, start + bs),
             qerr=qerr if qerr is not None else torch.full((bs, NUM_QERR), float("nan")),
             first_occurrence=torch.tensor(first),
+            sampled=torch.tensor([sampled.get(p, (float("nan"),) * 2) for p in range(start, start + bs)]),
         )
 
     # ---- features and freeing ----------------------------------------------------------------
@@ -178,7 +186,12 @@ class AdaKVScheduler(Scheduler):
         features = getattr(model_runner_output, "adakv_features", None)
         if features is not None and features.get("slots") is not None:
             self._store_qerr(features["slots"], features["qerr"])
-        return super().update_from_output(scheduler_output, model_runner_output)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for req_id, values in (features or {}).get("sampled", {}).items():
+            request = self.requests.get(req_id)
+            if request is not None:  # its sampled token is the last one, written next step
+                self._sampled.setdefault(req_id, {})[request.num_tokens - 1] = values
+        return outputs
 
     def _store_qerr(self, slots: torch.Tensor, qerr: torch.Tensor) -> None:
         bs = self.layout.block_size
@@ -194,11 +207,12 @@ class AdaKVScheduler(Scheduler):
         block_ids = self.kv_cache_manager.get_block_ids(request.request_id)[0]
         num_full = min(request.num_computed_tokens // bs, len(block_ids))
         tokens = request.all_token_ids
+        sampled = self._sampled.pop(request.request_id, {})
         for i, block in enumerate(block_ids):
             if i < num_full and self.prefix_caching:
                 # Full blocks stay in vLLM's prefix cache: they must still be sealed.
                 if block not in self._sealed:
-                    self._freed_full[block] = (list(tokens[: (i + 1) * bs]), i * bs)
+                    self._freed_full[block] = (list(tokens[: (i + 1) * bs]), i * bs, sampled)
             elif block not in self._sealed:
                 self._freed_partial.append(block)
         super()._free_request_blocks(request)

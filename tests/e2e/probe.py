@@ -25,6 +25,7 @@ def main(spec: dict) -> dict:
 
     decisions: dict[int, list[int]] = {}
     preemptions = []
+    sampled_positions: list[int] = []
     if spec.get("inspect"):
         from adakv_vllm.engine.scheduler import AdaKVScheduler
 
@@ -38,6 +39,9 @@ def main(spec: dict) -> dict:
         AdaKVScheduler._preempt_request = counting_preempt
 
         def recording_plan(self, candidates):
+            bs = self.layout.block_size
+            for _, start, sampled in candidates.values():
+                sampled_positions.extend(p for p in sampled if start <= p < start + bs)
             block_ids, bits = original(self, candidates)
             for block, row in zip(block_ids.tolist(), bits.tolist(), strict=True):
                 decisions[block] = row
@@ -67,6 +71,7 @@ def main(spec: dict) -> dict:
     if spec.get("inspect"):
         report.update(_inspect(llm, decisions))
         report["preemptions"] = len(preemptions)
+        report["sealed_with_sampler_features"] = len(sampled_positions)
     return report
 
 
