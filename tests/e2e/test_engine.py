@@ -122,4 +122,3 @@ def test_n_greater_than_one(probe):
     for completions in report["token_ids"]:
         assert len(completions) == 3 and all(completions)
         assert len({tuple(c) for c in completions}) > 1  # really sampled, not copied
-
