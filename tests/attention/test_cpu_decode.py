@@ -1,0 +1,219 @@
+"""The fused CPU kernel (attention/ops/cpu_decode.cpp) against the fp32 oracle paged_attention_ref."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from adakv_vllm.attention.ops import cpu
+from adakv_vllm.attention.ops.torch_ref import paged_attention_ref
+from adakv_vllm.blocks.paging import PageCodec
+from adakv_vllm.quant import format as fmt
+from adakv_vllm.quant.precision import ALL_BITS
+
+# (query dtype) -> (rtol, atol) against the fp32 oracle, outputs ~N(0, 1/sqrt(context)) in size.
+TOLERANCES = {
+    # fp32 in and out: only summation order (per-page online softmax, split merge) and the kernel's
+    # polynomial exp (relative error < 2e-7) differ from the oracle.
+    torch.float32: (2e-5, 2e-6),
+    # 16-bit outputs: one final rounding to bf16 (relative 2**-9) dominates everything else.
+    torch.bfloat16: (2**-8, 1e-5),
+    # fp16 outputs: one final rounding (relative 2**-11), plus fp32 slack.
+    torch.float16: (2**-10, 1e-5),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    seq_lens: tuple[int, ...]
+    query_lens: tuple[int, ...] | None = None  # default: 1 per sequence (decode)
+    bits: str = "mixed"  # "mixed" (2/4/8/16, key and value independent) or one of ALL_BITS as str
+    open_blocks: str = "last"  # "last" (each sequence's last block), "none", "all", "random"
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_size: int = 64
+    group_size: int = 32
+    block_size: int = 32
+    rotate_keys: bool = True
+    storage: torch.dtype = torch.bfloat16
+    query_dtype: torch.dtype = torch.float32
+    pages_per_split: int = 0
+
+
+CASES = [
+    Case("seq_len_1_open", (1,)),
+    Case("seq_len_1_sealed", (1,), open_blocks="none"),
+    Case("odd_lengths", (33, 67, 5, 131)),
+    Case("partial_last_block_sealed", (45, 77), open_blocks="none"),
+    Case("open_and_sealed_mixed", (300, 150, 97), open_blocks="random"),
+    Case("all_open", (70, 40), open_blocks="all"),
+    Case("all_2_bit", (200, 64), bits="2"),
+    Case("all_4_bit", (200,), bits="4"),
+    Case("all_8_bit", (129,), bits="8"),
+    Case("all_16_bit", (200, 33), bits="16"),
+    Case("mha", (100, 51), num_heads=4, num_kv_heads=4),
+    Case("gqa_8_to_1", (90,), num_heads=8, num_kv_heads=1),
+    Case("head_128", (100, 40), head_size=128, group_size=64),
+    Case("head_80_block_diagonal_rotation", (100, 40), head_size=80, group_size=16),
+    Case("head_96_group_16", (70,), head_size=96, group_size=16, num_heads=2, num_kv_heads=2),
+    Case("no_rotation", (150, 20), rotate_keys=False),
+    Case("batch_of_different_lengths", (1, 2, 31, 32, 33, 64, 65, 500, 1000, 7)),
+    Case("fp16_storage", (120, 61), storage=torch.float16),
+    Case("bf16_query_and_out", (200, 17), query_dtype=torch.bfloat16),
+    Case("fp16_query_and_out", (200, 17), storage=torch.float16, query_dtype=torch.float16),
+    Case("long_context_split", (2100, 300), pages_per_split=3),
+    Case("odd_block_size", (60, 18), block_size=17),
+    Case("big_block_size", (300,), block_size=128),
+    Case("prefill_and_decode_mixed", (40, 70, 33), query_lens=(40, 1, 5)),
+    Case("chunked_prefill_split", (250,), query_lens=(37,), pages_per_split=2, open_blocks="random"),
+    Case("idle_sequence", (50, 30), query_lens=(0, 1)),
+]
+
+
+def _bits(case: Case, layout: fmt.PageLayout, n: int, gen: torch.Generator):
+    """[n, block_size] key and value bits that fit the page."""
+    t = layout.block_size
+    if case.bits != "mixed":
+        b = torch.full((n, t), int(case.bits))
+        return b, b.clone()
+    choices = torch.tensor(ALL_BITS)
+    kb = choices[torch.randint(0, 4, (n, t), generator=gen)]
+    vb = choices[torch.randint(0, 4, (n, t), generator=gen)]
+    assert all(layout.fits(kb[i], vb[i]) for i in range(n))  # pages are sized for all-16-bit
+    return kb, vb
+
+
+def _problem(case: Case, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    bs, h, d = case.block_size, case.num_kv_heads, case.head_size
+    record = fmt.RecordLayout(d, case.group_size)
+    layout = fmt.PageLayout(bs, h, record, fmt.page_bytes_for_target(bs, h, record, 16, 16))
+    codec = PageCodec(layout, case.storage, case.rotate_keys)
+    seq_lens = torch.tensor(case.seq_lens, dtype=torch.int32)
+    query_lens = torch.tensor(case.query_lens or [1] * len(case.seq_lens), dtype=torch.int32)
+    blocks_per_seq = [(s + bs - 1) // bs for s in case.seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # spare blocks that nobody reads
+    # shuffled block table: sequence blocks are scattered over the pool
+    perm = torch.randperm(num_blocks, generator=gen)
+    width = max(blocks_per_seq) + 2
+    block_table = torch.full((len(case.seq_lens) + 1, width), 10**6, dtype=torch.int32)  # poison padding
+    used, i = [], 0
+    for s, nb in enumerate(blocks_per_seq):
+        block_table[s, :nb] = perm[i : i + nb].to(torch.int32)
+        used.append(perm[i : i + nb])
+        i += nb
+    # K/V with a few outlier channels (as real keys have), exact in the storage dtype
+    key = torch.randn(num_blocks, bs, h, d, generator=gen)
+    key[..., :3] *= 6
+    key = key.to(case.storage)
+    value = torch.randn(num_blocks, bs, h, d, generator=gen).to(case.storage)
+    kb, vb = _bits(case, layout, num_blocks, gen)
+    pages = codec.encode(key, value, kb, vb)
+    # open blocks: staging holds the exact values, the page holds garbage that must never be read
+    last = {int(u[-1]) for u in used}
+    open_mask = torch.zeros(num_blocks, dtype=torch.bool)
+    for b in range(num_blocks):
+        if case.open_blocks == "all":
+            open_mask[b] = True
+        elif case.open_blocks == "last":
+            open_mask[b] = b in last
+        elif case.open_blocks == "random":
+            open_mask[b] = bool(torch.rand((), generator=gen) < 0.4)
+    num_slots = int(open_mask.sum()) + 2
+    staging_key = torch.randn(num_slots, bs, h, d, generator=gen).to(case.storage)
+    staging_value = torch.randn(num_slots, bs, h, d, generator=gen).to(case.storage)
+    staging_slot = torch.full((num_blocks,), -1, dtype=torch.int64)
+    slots = torch.randperm(num_slots, generator=gen)
+    for j, b in enumerate(open_mask.nonzero().flatten().tolist()):
+        staging_slot[b] = slots[j]
+        staging_key[slots[j]], staging_value[slots[j]] = key[b], value[b]
+        pages[b] = torch.randint(0, 256, (layout.page_bytes,), generator=gen, dtype=torch.uint8)
+    query_start_loc = torch.zeros(len(case.seq_lens) + 1, dtype=torch.int32)
+    query_start_loc[1:] = torch.cumsum(query_lens, 0)
+    num_tokens = int(query_start_loc[-1]) + 2  # two padding tokens at the end
+    query = torch.randn(num_tokens, case.num_heads, d, generator=gen).to(case.query_dtype)
+    return {
+        "query": query,
+        "pages": pages,
+        "staging_key": staging_key,
+        "staging_value": staging_value,
+        "staging_slot": staging_slot,
+        "block_table": block_table,
+        "seq_lens": seq_lens,
+        "query_start_loc": query_start_loc,
+    }, codec
+
+
+@pytest.fixture(scope="module")
+def module():
+    return cpu.build()
+
+
+PATHS = ["native", "scalar"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_fused_matches_oracle(module, case, path):
+    args, codec = _problem(case)
+    scale = case.head_size**-0.5
+    expected = paged_attention_ref(codec=codec, scale=scale, **args)
+    sentinel = 123.0
+    out = torch.full_like(args["query"], sentinel)
+    cpu.paged_attention(
+        **args,
+        layout=codec.layout,
+        scale=scale,
+        rotate_keys=case.rotate_keys,
+        out=out,
+        module=module,
+        pages_per_split=case.pages_per_split,
+        force_scalar=path == "scalar",
+    )
+    owned = int(args["query_start_loc"][-1])
+    rtol, atol = TOLERANCES[case.query_dtype]
+    torch.testing.assert_close(out[:owned].float(), expected[:owned], rtol=rtol, atol=atol)
+    assert (out[owned:] == sentinel).all(), "padding tokens must be left untouched"
+
+
+def test_splits_do_not_change_the_result(module):
+    case = Case("split", (1000, 257))
+    args, codec = _problem(case, seed=3)
+    outs = [
+        cpu.paged_attention(
+            **args, layout=codec.layout, scale=0.125, rotate_keys=True, module=module, pages_per_split=p
+        )
+        for p in (1, 4, 1000)
+    ]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], **dict(zip(("rtol", "atol"), TOLERANCES[torch.float32])))
+
+
+def test_invalid_inputs_raise_value_error(module):
+    args, codec = _problem(Case("v", (40,)))
+    bad = {**args, "seq_lens": args["seq_lens"].float()}
+    with pytest.raises(ValueError, match="seq_lens must be one of"):
+        cpu.paged_attention(**bad, layout=codec.layout, scale=1.0, rotate_keys=True, module=module)
+    bad = {**args, "query": args["query"][..., :32]}
+    with pytest.raises(ValueError, match="head_size"):
+        cpu.paged_attention(**bad, layout=codec.layout, scale=1.0, rotate_keys=True, module=module)
+
+
+def test_corrupt_bit_map_is_an_error_not_a_wild_read(module):
+    case = Case("corrupt", (64,), open_blocks="none")
+    args, codec = _problem(case)
+    block = int(args["block_table"][0, 0])
+    args["pages"][block, 0] = 0xFF  # precision code 15 does not exist
+    with pytest.raises(RuntimeError, match="bit map"):
+        cpu.paged_attention(**args, layout=codec.layout, scale=1.0, rotate_keys=True, module=module)
+
+
+def test_mode_switch(monkeypatch):
+    monkeypatch.setenv("ADAKV_CPU_ATTENTION", "scratch")
+    assert cpu.fused_kernel() is None
+    monkeypatch.setenv("ADAKV_CPU_ATTENTION", "bogus")
+    with pytest.raises(ValueError, match="auto"):
+        cpu.fused_kernel()
