@@ -236,15 +236,17 @@ def _reduce_kernel(
     sp = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, D_PAD)
     lse = tl.load(lse_ptr + row * NUM_SPLITS + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
-    m = tl.max(lse, axis=0)  # finite: split 0 always holds the first block
-    w = tl.exp(lse - m)  # [SPLITS_PAD], 0 for empty splits
+    m = tl.max(lse, axis=0)  # -inf only for a padding token (no keys at all)
+    owned = m > float("-inf")
+    w = tl.exp(lse - tl.where(owned, m, 0.0))  # [SPLITS_PAD], 0 for empty splits
     mask = (sp < NUM_SPLITS)[:, None] & (d < HEAD_SIZE)[None, :]
     po = tl.load(
         partial_out_ptr + (row * NUM_SPLITS + sp[:, None]) * HEAD_SIZE + d[None, :], mask=mask, other=0.0
     )
-    out = tl.sum(w[:, None] * po, axis=0) / tl.sum(w, axis=0)
+    total = tl.sum(w, axis=0)
+    out = tl.sum(w[:, None] * po, axis=0) / tl.where(owned, total, 1.0)
     dst = out_ptr + tok * stride_ot + head * stride_oh + d
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_SIZE)
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d < tl.where(owned, HEAD_SIZE, 0))
 
 
 def paged_attention_triton(
@@ -285,13 +287,14 @@ def paged_attention_triton(
     num_kv_heads = layout.num_kv_heads
     group = num_heads // num_kv_heads
 
-    # query token -> (its sequence, how many keys it sees); no device sync.
-    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).to(torch.int64)
-    token_seq = torch.repeat_interleave(
-        torch.arange(q_lens.numel(), device=device), q_lens, output_size=num_tokens
-    )
-    index_in_seq = torch.arange(num_tokens, device=device) - query_start_loc[token_seq].to(torch.int64)
-    context = seq_lens.to(torch.int64)[token_seq] - q_lens[token_seq] + index_in_seq + 1
+    # query token -> (its sequence, how many keys it sees); no device sync. Tokens past
+    # query_start_loc[-1] are padding: context 0, their output rows are left untouched.
+    qsl = query_start_loc.to(torch.int64)
+    tokens = torch.arange(num_tokens, device=device)
+    token_seq = torch.searchsorted(qsl[1:], tokens, right=True).clamp_(max=qsl.numel() - 2)
+    q_len = qsl[token_seq + 1] - qsl[token_seq]
+    context = seq_lens.to(torch.int64)[token_seq] - q_len + (tokens - qsl[token_seq]) + 1
+    context = torch.where(tokens < qsl[-1], context, 0)
 
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())

@@ -1,0 +1,240 @@
+"""The Triton decode kernel (attention/ops/triton_decode.py) against the fp32 oracle paged_attention_ref.
+
+Without a GPU the kernel runs under Triton's interpreter. TRITON_INTERPRET is read when a function
+is decorated with @triton.jit, and Triton's own library functions (tl.sum, tl.max, ...) are
+decorated when `triton` is first imported: once any module of this pytest process (vLLM, another
+test) has imported triton without it, interpreted kernels fail. So `test_under_interpreter` runs
+this file again in a fresh process with TRITON_INTERPRET=1, where the parametrized cases run on
+CPU; in this process they run natively when a GPU is present and are skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adakv_vllm.attention.ops.torch_ref import paged_attention_ref
+from adakv_vllm.blocks.paging import PageCodec
+from adakv_vllm.quant import format as fmt
+from adakv_vllm.quant.precision import ALL_BITS
+
+pytest.importorskip("triton")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETED else ("cuda" if torch.cuda.is_available() else None)
+needs_kernel = pytest.mark.skipif(
+    DEVICE is None, reason="no GPU: these cases run in the TRITON_INTERPRET=1 child (test_under_interpreter)"
+)
+
+# (output dtype) -> (rtol, atol) against the fp32 oracle; outputs are ~N(0, 1/sqrt(context)).
+TOLERANCES = {
+    # fp32 out: summation order (split-K merge, per-block online softmax), exp, and the fused
+    # multiply-add of code*scale+min differ from the oracle; each is a few fp32 ulps.
+    torch.float32: (1e-5, 2e-6),
+    # bf16 out: one final rounding to bf16 (relative 2**-9) dominates everything else; Triton 3.9's
+    # interpreter truncates fp32 -> bf16 instead of rounding to nearest (relative < 2**-7).
+    torch.bfloat16: (2**-7 if INTERPRETED else 2**-8, 1e-5),
+    # fp16 out: one final rounding (relative 2**-11), plus the fp32 slack above.
+    torch.float16: (2**-10, 1e-5),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    seq_lens: tuple[int, ...]
+    query_lens: tuple[int, ...] | None = None  # default: 1 per sequence (decode)
+    bits: str = "mixed"  # "mixed" (2/4/8/16, key and value independent) or one of ALL_BITS as str
+    open_blocks: str = "last"  # "last" (each sequence's last block), "none", "all", "random"
+    num_heads: int = 9  # SmolLM2: GQA 9:3
+    num_kv_heads: int = 3
+    head_size: int = 64
+    group_size: int = 32
+    block_size: int = 32
+    rotate_keys: bool = True
+    storage: torch.dtype = torch.bfloat16
+    query_dtype: torch.dtype = torch.float32
+    num_splits: int | None = None
+
+
+CASES = [
+    Case("seq_len_1_staged", (1,)),
+    Case("seq_len_1_sealed", (1,), open_blocks="none"),
+    Case("odd_lengths", (33, 67, 5)),
+    Case("partial_last_block_sealed", (45, 77), open_blocks="none"),
+    Case("staged_and_sealed_random", (150, 97), open_blocks="random"),
+    Case("all_staged", (70, 40), open_blocks="all"),
+    Case("all_2_bit", (100, 64), bits="2", open_blocks="none"),
+    Case("all_16_bit", (100, 33), bits="16", open_blocks="none"),
+    Case("all_8_bit_no_rotation", (70,), bits="8", rotate_keys=False),
+    Case("mha", (70, 51), num_heads=4, num_kv_heads=4),
+    Case("mha_no_rotation", (40,), num_heads=2, num_kv_heads=2, rotate_keys=False),
+    Case("head_80_block_diagonal_rotation", (60, 21), head_size=80, group_size=16),
+    Case("head_80_no_rotation", (60,), head_size=80, group_size=16, rotate_keys=False, num_heads=6),
+    Case("no_rotation", (90, 20), rotate_keys=False),
+    Case("fp16_storage", (64, 61), storage=torch.float16),
+    Case("bf16_query_and_out", (100, 17), query_dtype=torch.bfloat16),
+    Case("fp16_query_and_out", (100, 17), storage=torch.float16, query_dtype=torch.float16),
+    Case("splits_some_empty", (260, 1, 40), num_splits=3, open_blocks="random"),
+    Case("one_split", (200,), num_splits=1),
+    Case("odd_block_size", (60, 18), block_size=17, group_size=16),
+    Case("prefill_and_decode_mixed", (40, 70, 33), query_lens=(4, 1, 3)),
+    Case("idle_sequence", (50, 30), query_lens=(0, 1)),
+]
+
+
+def _bits(case: Case, layout: fmt.PageLayout, n: int, gen: torch.Generator):
+    """[n, block_size] key and value bits (pages are sized for all-16-bit, so any bits fit)."""
+    t = layout.block_size
+    if case.bits != "mixed":
+        b = torch.full((n, t), int(case.bits))
+        return b, b.clone()
+    choices = torch.tensor(ALL_BITS)
+    return (
+        choices[torch.randint(0, 4, (n, t), generator=gen)],
+        choices[torch.randint(0, 4, (n, t), generator=gen)],
+    )
+
+
+def _problem(case: Case, seed: int = 0):
+    """-> (the oracle's keyword arguments, codec). Shuffled block table with poisoned padding,
+    open blocks whose pages hold garbage, two padding query tokens at the end."""
+    gen = torch.Generator().manual_seed(seed)
+    bs, h, d = case.block_size, case.num_kv_heads, case.head_size
+    record = fmt.RecordLayout(d, case.group_size)
+    layout = fmt.PageLayout(bs, h, record, fmt.page_bytes_for_target(bs, h, record, 16, 16))
+    codec = PageCodec(layout, case.storage, case.rotate_keys)
+    query_lens = torch.tensor(case.query_lens or [1] * len(case.seq_lens), dtype=torch.int32)
+    blocks_per_seq = [(s + bs - 1) // bs for s in case.seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3  # spare blocks nobody reads
+    perm = torch.randperm(num_blocks, generator=gen)
+    block_table = torch.full((len(case.seq_lens) + 1, max(blocks_per_seq) + 2), 10**6, dtype=torch.int32)
+    last, i = set(), 0
+    for s, nb in enumerate(blocks_per_seq):
+        block_table[s, :nb] = perm[i : i + nb].to(torch.int32)
+        last.add(int(perm[i + nb - 1]))
+        i += nb
+    key = torch.randn(num_blocks, bs, h, d, generator=gen)
+    key[..., :3] *= 6  # a few outlier channels, as real keys have
+    key = key.to(case.storage)
+    value = torch.randn(num_blocks, bs, h, d, generator=gen).to(case.storage)
+    pages = codec.encode(key, value, *_bits(case, layout, num_blocks, gen))
+    open_mask = {
+        "all": torch.ones(num_blocks, dtype=torch.bool),
+        "none": torch.zeros(num_blocks, dtype=torch.bool),
+        "last": torch.tensor([b in last for b in range(num_blocks)]),
+        "random": torch.rand(num_blocks, generator=gen) < 0.4,
+    }[case.open_blocks]
+    num_slots = int(open_mask.sum()) + 2
+    staging_key = torch.randn(num_slots, bs, h, d, generator=gen).to(case.storage)
+    staging_value = torch.randn(num_slots, bs, h, d, generator=gen).to(case.storage)
+    staging_slot = torch.full((num_blocks,), -1, dtype=torch.int64)
+    slots = torch.randperm(num_slots, generator=gen)
+    for j, b in enumerate(open_mask.nonzero().flatten().tolist()):
+        staging_slot[b] = slots[j]
+        staging_key[slots[j]], staging_value[slots[j]] = key[b], value[b]
+        pages[b] = torch.randint(0, 256, (layout.page_bytes,), generator=gen, dtype=torch.uint8)
+    query_start_loc = torch.zeros(len(case.seq_lens) + 1, dtype=torch.int32)
+    query_start_loc[1:] = torch.cumsum(query_lens, 0)
+    num_tokens = int(query_start_loc[-1]) + 2
+    query = torch.randn(num_tokens, case.num_heads, d, generator=gen).to(case.query_dtype)
+    args = {
+        "query": query,
+        "pages": pages,
+        "staging_key": staging_key,
+        "staging_value": staging_value,
+        "staging_slot": staging_slot,
+        "block_table": block_table,
+        "seq_lens": torch.tensor(case.seq_lens, dtype=torch.int32),
+        "query_start_loc": query_start_loc,
+    }
+    return args, codec
+
+
+def _kernel():
+    return importlib.import_module("adakv_vllm.attention.ops.triton_decode")
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_kernel_matches_oracle(case):
+    args, codec = _problem(case)
+    scale = case.head_size**-0.5
+    expected = paged_attention_ref(**args, codec=codec, scale=scale)
+    on_device = {k: v.to(DEVICE) for k, v in args.items()}
+    sentinel = 123.0
+    out = torch.full_like(on_device["query"], sentinel)
+    _kernel().paged_attention_triton(
+        **on_device, codec=codec, scale=scale, out=out, num_splits=case.num_splits
+    )
+    owned = int(args["query_start_loc"][-1])
+    rtol, atol = TOLERANCES[case.query_dtype]
+    torch.testing.assert_close(out[:owned].float().cpu(), expected[:owned], rtol=rtol, atol=atol)
+    assert (out[owned:] == sentinel).all(), "padding tokens must be left untouched"
+
+
+@needs_kernel
+def test_split_count_does_not_change_the_result():
+    args, codec = _problem(Case("splits", (160, 65), open_blocks="random"), seed=3)
+    args = {k: v.to(DEVICE) for k, v in args.items()}
+    owned = int(args["query_start_loc"][-1])
+    outs = [
+        _kernel().paged_attention_triton(**args, codec=codec, scale=0.125, num_splits=s)[:owned]
+        for s in (1, 2, 5)
+    ]
+    rtol, atol = TOLERANCES[torch.float32]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: {**a, "query": a["query"][..., :32]}, "head_size must be the layout's 64"),
+        (lambda a: {**a, "query": a["query"][:, :8]}, "multiple of num_kv_heads"),
+        (lambda a: {**a, "query": a["query"].to(torch.float64)}, "fp16/bf16/fp32"),
+        (lambda a: {**a, "pages": a["pages"].to(torch.int16)}, "pages must be uint8"),
+        (lambda a: {**a, "staging_key": a["staging_key"].float()}, "staging_key dtype must be one of"),
+        (lambda a: {**a, "staging_slot": a["staging_slot"].int()}, "staging_slot must be int64"),
+        (lambda a: {**a, "seq_lens": a["seq_lens"].float()}, "seq_lens must be int32 or int64"),
+        (lambda a: {**a, "query_start_loc": a["query_start_loc"][:-1]}, "query_start_loc"),
+    ],
+    ids=[
+        "head_size",
+        "heads",
+        "query_dtype",
+        "pages_dtype",
+        "staging_dtype",
+        "slot_dtype",
+        "seq_lens",
+        "qsl",
+    ],
+)
+def test_invalid_inputs_raise_value_error(change, match):
+    args, codec = _problem(Case("v", (40,)))
+    with pytest.raises(ValueError, match=match):
+        _kernel().paged_attention_triton(**change(args), codec=codec, scale=1.0)
+
+
+def test_under_interpreter(request):
+    """Run this file's kernel cases on CPU in a fresh process with TRITON_INTERPRET=1."""
+    if INTERPRETED:
+        pytest.skip("this is the interpreted child")
+    _run_interpreted(__file__, request.config.option.markexpr)
+
+
+def _run_interpreted(path: str, markexpr: str) -> None:
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path]
+    if markexpr:
+        cmd += ["-m", markexpr]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"interpreted run failed:\n{done.stdout[-8000:]}\n{done.stderr[-4000:]}"
