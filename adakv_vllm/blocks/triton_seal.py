@@ -38,7 +38,7 @@ assert [p.code for p in PRECISIONS] == list(range(len(PRECISIONS))) and Precisio
 
 
 def layout_constexprs(layout: fmt.PageLayout) -> dict[str, int]:
-    """Every layout number a kernel needs, from format.py: kwargs for a launch.
+    """Every layout number the kernels need, from format.py (each kernel takes the ones it names).
 
     Suffix _0/_1/_2 = the quantized precision codes (2/4/8 bits), _3 = the 16-bit record.
     """
@@ -47,7 +47,6 @@ def layout_constexprs(layout: fmt.PageLayout) -> dict[str, int]:
     out = {
         "HEADER_BYTES": layout.header_bytes,
         "HEADER_PAD": triton.next_power_of_2(layout.header_bytes),
-        "PAGE_BYTES": layout.page_bytes,
         "BLOCK_SIZE": layout.block_size,
         "BS_PAD": triton.next_power_of_2(layout.block_size),
         "HEAD_SIZE": rec.head_size,
@@ -269,13 +268,13 @@ def _seal_kernel(
     stride_qn,
     stride_qt,
     stride_qh,
-    pages_ptr,  # [num_blocks, >= PAGE_BYTES] uint8 destination
+    pages_ptr,  # [num_blocks, >= page_bytes] uint8 destination
     stride_page,
     dest_ptr,  # [n] int64: the page row each block is written to
+    page_bytes,
     NUM_KV_HEADS: tl.constexpr,
     HEADER_BYTES: tl.constexpr,
     HEADER_PAD: tl.constexpr,
-    PAGE_BYTES: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BS_PAD: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
@@ -318,8 +317,8 @@ def _seal_kernel(
         h = tl.arange(0, HEADER_PAD)
         tl.store(page + h, tl.load(header + h, mask=h < HEADER_BYTES), mask=h < HEADER_BYTES)
         c = tl.arange(0, SLACK_CHUNK)
-        for start in range(HEADER_BYTES + NUM_KV_HEADS * region, PAGE_BYTES, SLACK_CHUNK):
-            tl.store(page + start + c, tl.zeros([SLACK_CHUNK], tl.uint8), mask=start + c < PAGE_BYTES)
+        for start in range(HEADER_BYTES + NUM_KV_HEADS * region, page_bytes, SLACK_CHUNK):
+            tl.store(page + start + c, tl.zeros([SLACK_CHUNK], tl.uint8), mask=start + c < page_bytes)
     raw = n * stride_n + head * stride_h
     quant = n * stride_qn + head * stride_qh
     _write_part(
@@ -401,10 +400,11 @@ def seal_pages(
         pages,
         pages.stride(0),
         block_ids.to(device=device, dtype=torch.int64),
+        layout.page_bytes,
         NUM_KV_HEADS=h,
         SLACK_CHUNK=256,
         enable_fp_fusion=False,  # the oracle rounds mins + scales*top twice: no FMA
-        **layout_constexprs(layout),
+        **{k: v for k, v in layout_constexprs(layout).items() if k in _seal_kernel.arg_names},
     )
     return pages
 

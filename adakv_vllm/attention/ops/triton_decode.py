@@ -23,6 +23,7 @@ only by summation order and the fused multiply-adds of the dequantization.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -101,25 +102,22 @@ def _split_kernel(
     stride_bt,
     token_seq_ptr,  # [T] int32 sequence of each query token
     context_ptr,  # [T] int32 keys visible to each query token
-    partial_out_ptr,  # [T, H, NUM_SPLITS, D] fp32
-    lse_ptr,  # [T, H, NUM_SPLITS] fp32
+    partial_out_ptr,  # [T, H, num_splits, D] fp32
+    lse_ptr,  # [T, H, num_splits] fp32
     scale,
     blocks_per_split,
+    num_splits,
     NUM_HEADS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     ROTATE_KEYS: tl.constexpr,
     HEADER_BYTES: tl.constexpr,
-    HEADER_PAD: tl.constexpr,
-    PAGE_BYTES: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BS_PAD: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     D_PAD: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
-    NG_PAD: tl.constexpr,
     REC_BYTES_0: tl.constexpr,
     REC_BYTES_1: tl.constexpr,
     REC_BYTES_2: tl.constexpr,
@@ -127,21 +125,9 @@ def _split_kernel(
     BITS_0: tl.constexpr,
     BITS_1: tl.constexpr,
     BITS_2: tl.constexpr,
-    PER_BYTE_0: tl.constexpr,
-    PER_BYTE_1: tl.constexpr,
-    PER_BYTE_2: tl.constexpr,
-    CODE_MASK_0: tl.constexpr,
-    CODE_MASK_1: tl.constexpr,
-    CODE_MASK_2: tl.constexpr,
-    CODES_BYTES_0: tl.constexpr,
-    CODES_BYTES_1: tl.constexpr,
-    CODES_BYTES_2: tl.constexpr,
     SCALES_OFF_0: tl.constexpr,
     SCALES_OFF_1: tl.constexpr,
     SCALES_OFF_2: tl.constexpr,
-    MINS_OFF_0: tl.constexpr,
-    MINS_OFF_1: tl.constexpr,
-    MINS_OFF_2: tl.constexpr,
 ):
     tok = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -212,20 +198,20 @@ def _split_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     row = tok * NUM_HEADS + heads  # [GROUP_PAD]
-    tl.store(lse_ptr + row * NUM_SPLITS + split, lse, mask=g < GROUP)
-    po = partial_out_ptr + (row[:, None] * NUM_SPLITS + split) * HEAD_SIZE + d[None, :]
+    tl.store(lse_ptr + row * num_splits + split, lse, mask=g < GROUP)
+    po = partial_out_ptr + (row[:, None] * num_splits + split) * HEAD_SIZE + d[None, :]
     tl.store(po, out, mask=q_mask)
 
 
 @triton.jit
 def _reduce_kernel(
-    partial_out_ptr,  # [T, H, NUM_SPLITS, D] fp32
-    lse_ptr,  # [T, H, NUM_SPLITS] fp32
+    partial_out_ptr,  # [T, H, num_splits, D] fp32
+    lse_ptr,  # [T, H, num_splits] fp32
     out_ptr,  # [T, H, D]
     stride_ot,
     stride_oh,
+    num_splits,
     NUM_HEADS: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     D_PAD: tl.constexpr,
@@ -235,13 +221,13 @@ def _reduce_kernel(
     row = tok * NUM_HEADS + head
     sp = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, D_PAD)
-    lse = tl.load(lse_ptr + row * NUM_SPLITS + sp, mask=sp < NUM_SPLITS, other=float("-inf"))
+    lse = tl.load(lse_ptr + row * num_splits + sp, mask=sp < num_splits, other=float("-inf"))
     m = tl.max(lse, axis=0)  # -inf only for a padding token (no keys at all)
     owned = m > float("-inf")
     w = tl.exp(lse - tl.where(owned, m, 0.0))  # [SPLITS_PAD], 0 for empty splits
-    mask = (sp < NUM_SPLITS)[:, None] & (d < HEAD_SIZE)[None, :]
+    mask = (sp < num_splits)[:, None] & (d < HEAD_SIZE)[None, :]
     po = tl.load(
-        partial_out_ptr + (row * NUM_SPLITS + sp[:, None]) * HEAD_SIZE + d[None, :], mask=mask, other=0.0
+        partial_out_ptr + (row * num_splits + sp[:, None]) * HEAD_SIZE + d[None, :], mask=mask, other=0.0
     )
     total = tl.sum(w, axis=0)
     out = tl.sum(w[:, None] * po, axis=0) / tl.where(owned, total, 1.0)
@@ -311,7 +297,7 @@ def paged_attention_triton(
 
     q_rot = query
     if codec.rotate_keys:
-        q_rot = query.float() @ rotation_matrix(head_size).to(device)  # [T, H, D] fp32
+        q_rot = query.float() @ _rotation_on(head_size, device)  # [T, H, D] fp32
     partial_out = torch.empty(num_tokens, num_heads, splits, head_size, dtype=torch.float32, device=device)
     lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=device)
     _split_kernel[(num_tokens, num_kv_heads, splits)](
@@ -342,12 +328,12 @@ def paged_attention_triton(
         lse,
         scale,
         blocks_per_split,
+        splits,
         NUM_HEADS=num_heads,
-        NUM_SPLITS=splits,
         GROUP=group,
         GROUP_PAD=triton.next_power_of_2(group),
         ROTATE_KEYS=codec.rotate_keys,
-        **layout_constexprs(layout),
+        **{k: v for k, v in layout_constexprs(layout).items() if k in _split_kernel.arg_names},
     )
     _reduce_kernel[(num_tokens, num_heads)](
         partial_out,
@@ -355,13 +341,18 @@ def paged_attention_triton(
         out,
         out.stride(0),
         out.stride(1),
+        splits,
         NUM_HEADS=num_heads,
-        NUM_SPLITS=splits,
         SPLITS_PAD=triton.next_power_of_2(splits),
         HEAD_SIZE=head_size,
         D_PAD=triton.next_power_of_2(head_size),
     )
     return out
+
+
+@functools.cache
+def _rotation_on(head_size: int, device: torch.device) -> torch.Tensor:
+    return rotation_matrix(head_size).to(device)
 
 
 def _default_splits(device: torch.device, programs: int, max_blocks: int) -> int:
