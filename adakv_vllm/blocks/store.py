@@ -19,8 +19,7 @@ from adakv_vllm.blocks.paging import PageCodec
 from adakv_vllm.blocks.staging import StagingArea
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import PRECISIONS
-from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, fake_quantize
-from adakv_vllm.quant.rotation import rotate
+from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, relative_error
 
 logger = logging.getLogger("vllm.adakv.store")
 
@@ -89,12 +88,7 @@ class KVStore:
         self._features["layers"] += 1
 
     def _rel_error(self, x: torch.Tensor, p, is_key: bool) -> torch.Tensor:
-        """x: [T, H, D] -> [T] mean over heads of ||x - q(x)|| / ||x||, with the store's quantizer."""
-        x = x.float().clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
-        if is_key and self.rotate_keys:
-            x = rotate(x)
-        err = (fake_quantize(x, p, self.layout.record.group_size) - x).norm(dim=-1)
-        return (err / x.norm(dim=-1).clamp_min(1e-6)).mean(-1)
+        return relative_error(x, p, self.layout.record.group_size, is_key and self.rotate_keys)
 
     def step_features(self) -> dict[str, torch.Tensor] | None:
         """Features of the tokens written this step: slots [T] int64, qerr [T, 3] (mean over layers)."""

@@ -22,12 +22,20 @@ KL_TOP_K = 256  # bf16 reference keeps its top-256 tokens per position plus the 
 
 
 # ---- WikiText-2 ----------------------------------------------------------------------------------
+def wikitext_spans(num_tokens: int, window: int, limit: int) -> list[tuple[int, int]]:
+    """[start, end) token spans of `limit` windows of `window` tokens, evenly spaced over the test set."""
+    count = min(limit, num_tokens // window)
+    stride = num_tokens // count
+    return [(i * stride, i * stride + window) for i in range(count)]
+
+
+def wikitext_ids(tokenizer) -> list[int]:
+    return tokenizer(data.wikitext_text(), add_special_tokens=False).input_ids
+
+
 def wikitext_windows(tokenizer, window: int, limit: int) -> list[list[int]]:
-    """`limit` windows of `window` tokens, evenly spaced over the whole test set."""
-    ids = tokenizer(data.wikitext_text(), add_special_tokens=False).input_ids
-    count = min(limit, len(ids) // window)
-    stride = len(ids) // count
-    return [ids[i * stride : i * stride + window] for i in range(count)]
+    ids = wikitext_ids(tokenizer)
+    return [ids[a:b] for a, b in wikitext_spans(len(ids), window, limit)]
 
 
 def eval_wikitext(llm, capture, windows, reference: dict | None):

@@ -93,6 +93,30 @@ def fake_quantize(x: torch.Tensor, p: Precision, group_size: int) -> torch.Tenso
     return dequantize(codes, scales, mins, group_size).reshape(x.shape)
 
 
+def stored_kv(x: torch.Tensor, p: Precision, group_size: int, rotate_record: bool) -> torch.Tensor:
+    """What a sealed page gives back for K or V vectors: x: [..., head_size] -> fp32.
+
+    The store clamps to the quantizable range, quantizes (Hadamard-rotated when `rotate_record`, i.e.
+    keys with rotate_keys) and rotates back on decode; 16-bit records are exact.
+    """
+    if not p.is_quantized:
+        return x.to(torch.float32)
+    y = x.float().clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
+    if rotate_record:
+        return rotate(fake_quantize(rotate(y), p, group_size))
+    return fake_quantize(y, p, group_size)
+
+
+def relative_error(x: torch.Tensor, p: Precision, group_size: int, rotate_record: bool) -> torch.Tensor:
+    """x: [T, H, D] -> [T]: mean over heads of ||x - stored(x)|| / ||x||, the token's own
+    quantization error at precision p (the "quality score" feature; rotation preserves norms)."""
+    y = x.float().clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
+    if rotate_record:
+        y = rotate(y)
+    err = (fake_quantize(y, p, group_size) - y).norm(dim=-1)
+    return (err / y.norm(dim=-1).clamp_min(1e-6)).mean(-1)
+
+
 def fake_quantize_channels(x: torch.Tensor, p: Precision, group_size: int) -> torch.Tensor:
     """Per-channel quantization (KIVI-style keys): groups run along tokens, not channels.
 
