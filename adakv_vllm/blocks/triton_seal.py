@@ -13,9 +13,10 @@ zeroes the slack after the last region.
 
 Bit-exactness: every fp32 step of the oracle is one IEEE-rounded operation (division with
 `div_rn`, rounding half to even, no fused multiply-add: launched with `enable_fp_fusion=False`).
-With rotate_keys the rotation is a torch matmul done before the launch (`rotation.rotate`), so
-pages equal the codec's when torch's matmul gives each row the same bits as the codec's call does
-(true on CPU in the tests; a GPU matmul may differ from a CPU one in the last bit).
+With rotate_keys the rotation is a torch matmul done before the launch (as `rotation.rotate`), so
+pages equal the codec's when torch's matmul gives each row the same bits as the codec's call does:
+true on CPU (the tests); a GPU matmul may differ from the CPU one in the last bit, which can move a
+rotated key's code or fp16 scale by one step.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from adakv_vllm.blocks.paging import PageCodec
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import PRECISIONS, Precision
 from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, check_finite
-from adakv_vllm.quant.rotation import rotate
+from adakv_vllm.quant.rotation import rotation_matrix
 
 # A padded token position (block_size not a power of two) gets this code: it sorts after every
 # real record and is given zero record bytes, so it never moves an offset.
@@ -169,14 +170,14 @@ def _write_quantized_records(
     hi = tl.max(x, axis=2)
     mins = lo.to(tl.float16)
     mins = tl.where(mins.to(tl.float32) > lo, _fp16_next(mins, False), mins)
-    want = tl.math.div_rn(hi - mins.to(tl.float32), top)
+    want = tl.math.div_rn(hi - mins.to(tl.float32), tl.full(hi.shape, top, tl.float32))
     scales = want.to(tl.float16)
     scales = tl.where(scales.to(tl.float32) < want, _fp16_next(scales, True), scales)
     # fp32 rounding of mins + scales*top can still land one ulp short of max: widen once more.
     short = mins.to(tl.float32) + scales.to(tl.float32) * top < hi
     scales = tl.where(short, _fp16_next(scales, True), scales)
     s = scales.to(tl.float32)[:, :, None]
-    safe = tl.where(s > 0, s, 1.0)
+    safe = tl.broadcast_to(tl.where(s > 0, s, 1.0), x.shape)
     y = tl.math.div_rn(x - mins.to(tl.float32)[:, :, None], safe)
     codes = tl.where(s > 0, _round_half_even(y), 0.0)
     codes = tl.minimum(tl.maximum(codes, 0.0), top).to(tl.int32)  # [BS_PAD, NG_PAD, G]
@@ -366,7 +367,8 @@ def seal_pages(
     check_finite(key, "key")
     check_finite(value, "value")
     quantized = torch.tensor([p.is_quantized for p in PRECISIONS])
-    key_q = rotate(key) if codec.rotate_keys else key
+    # rotation.rotate's matmul, with the matrix on key's device
+    key_q = key.to(torch.float32) @ rotation_matrix(d).to(device) if codec.rotate_keys else key
     _check_quantizable(key_q, quantized[key_codes].to(device), "key")
     _check_quantizable(value, quantized[value_codes].to(device), "value")
     if codec.rotate_keys:
