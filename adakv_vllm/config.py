@@ -19,14 +19,14 @@ from adakv_vllm.quant.precision import ALL_BITS
 
 PLUGIN_NAME = "adakv"
 PLUGIN_KEY = "kv_cache_plugin"
-POLICIES = ("static", "random", "rule")
+POLICIES = ("static", "random", "rule", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaKVConfig:
     # Average bits per cached element that each page's byte budget grants (2..16; fractions allowed).
     target_bits: float = 4.0
-    # Which tokens get which bits inside the budget: static | random | rule.
+    # Which tokens get which bits inside the budget: static | random | rule | learned.
     policy: str = "rule"
     # Channels per quantization group (one fp16 scale + min each).
     group_size: int = 32
@@ -36,6 +36,11 @@ class AdaKVConfig:
     sink_tokens: int = 4
     # Seed of the random policy; decisions are a function of (seed, block content) for prefix caching.
     seed: int = 0
+    # The learned policy's weights (.safetensors); None = the weights shipped for SmolLM2-135M.
+    controller_weights: str | None = None
+    # Compute logits at every prompt position so prompt tokens also get the entropy / confidence
+    # features (generated tokens always have them). Costs one vocabulary projection per prompt token.
+    prompt_features: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.target_bits, (int, float)) or not 2 <= self.target_bits <= 16:
@@ -48,6 +53,10 @@ class AdaKVConfig:
             raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.group_size!r}")
         if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be a non-negative integer, got {self.sink_tokens!r}")
+        if not isinstance(self.prompt_features, bool):
+            raise ValueError(f"prompt_features must be true or false, got {self.prompt_features!r}")
+        if self.controller_weights is not None and not isinstance(self.controller_weights, str):
+            raise ValueError(f"controller_weights must be a file path, got {self.controller_weights!r}")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> AdaKVConfig:

@@ -4,6 +4,8 @@
     random   random weights seeded by the page content: the honest control at matched average bits
     rule     attention sinks first (up to 8 bits), then tokens whose own quantization error is largest, rare
              (first-in-sequence) tokens weighted up
+    learned  the MLP of controller/model.py: expected KL sensitivity per precision from the features of
+             controller/features.py (weights trained by `adakv train-controller`)
 
 A policy never sees the budget: `blocks.planner.allocate` turns its scores into bits under the
 page's byte budget, identically for every policy. Every decision is a deterministic function of the
@@ -15,10 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from pathlib import Path
 
 import torch
 
+from adakv_vllm.controller import features as feats
 from adakv_vllm.quant.precision import PRECISIONS
+
+# The weights shipped for SmolLM2-135M (trained by `adakv train-controller`, card beside them).
+SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "smollm2-135m.safetensors"
 
 # Distortion assumed when a token's own quantization error is unknown: relative squared error of
 # RTN at b bits falls about 4x per extra bit (examples/quant_error.py: 0.50, 0.10, 0.006 at 2/4/8).
@@ -38,8 +45,9 @@ class BlockTokens:
     qerr: torch.Tensor  # [T, 3] relative reconstruction error at 2/4/8 bits (NaN = unknown)
     first_occurrence: torch.Tensor  # [T] bool, token id not seen earlier in the sequence
     # [T, 2] entropy (nats) and probability of the distribution that sampled each generated token;
-    # NaN for prompt tokens (no sampler ran for them). Not used by these policies; the learned one.
+    # NaN for prompt tokens (no sampler ran for them). Used by the learned policy.
     sampled: torch.Tensor | None = None
+    prior_count: torch.Tensor | None = None  # [T] int64, earlier occurrences of the id in the sequence
 
 
 class Policy:
@@ -97,13 +105,53 @@ class RulePolicy(Policy):
         return torch.where(block.positions < self.sink_tokens, SINK_FLOOR_BITS, PRECISIONS[0].bits)
 
 
-POLICIES = {cls.name: cls for cls in (StaticPolicy, RandomPolicy, RulePolicy)}
+class LearnedPolicy(Policy):
+    name = "learned"
+
+    def __init__(self, target_bits, seed=0, sink_tokens=0, vocab_size=None, weights=None, expect=None):
+        from adakv_vllm.controller import model as controller_model
+
+        super().__init__(target_bits, seed, sink_tokens)
+        if vocab_size is None:
+            raise ValueError("the learned policy needs the model's vocab_size")
+        self.vocab_size = vocab_size
+        path = weights or SHIPPED_WEIGHTS
+        self.model, self.metadata = controller_model.load(path, expect)
+        if self.metadata.get("vocab_size") != str(vocab_size):
+            raise ValueError(
+                f"controller weights {path} were trained for {self.metadata.get('model')} (vocab "
+                f"{self.metadata.get('vocab_size')}); this model's vocab is {vocab_size}. Train weights "
+                "for it with `adakv train-controller --model ...` and pass controller_weights"
+            )
+
+    def scores(self, block):
+        num_tokens = block.token_ids.numel()
+        sampled = block.sampled if block.sampled is not None else torch.full((num_tokens, 2), float("nan"))
+        prior = block.prior_count if block.prior_count is not None else (~block.first_occurrence).long()
+        x = feats.feature_matrix(
+            block.token_ids, block.positions, prior, block.qerr, sampled[:, 0], sampled[:, 1], self.vocab_size
+        )
+        distortion = self.model.expected_sensitivity(x)
+        distortion = torch.cummax(distortion.flip(1), 1).values.flip(1) + STRICT_EPS * STEPS_LEFT
+        return torch.ones(num_tokens), distortion
 
 
-def make_policy(name: str, target_bits: float, seed: int = 0, sink_tokens: int = 0) -> Policy:
+POLICIES = {cls.name: cls for cls in (StaticPolicy, RandomPolicy, RulePolicy, LearnedPolicy)}
+
+
+def make_policy(name: str, target_bits: float, seed: int = 0, sink_tokens: int = 0, **learned) -> Policy:
+    """learned: vocab_size, weights (path or None = shipped), expect (metadata that must match);
+    only the learned policy takes them."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    if name == "learned":
+        return LearnedPolicy(target_bits, seed, sink_tokens, **learned)
     return POLICIES[name](target_bits, seed, sink_tokens)
+
+
+def controller_expectations(group_size: int, rotate_keys: bool) -> dict[str, str]:
+    """The weights-file metadata that must match this run's quantizer (the qerr features depend on it)."""
+    return {"group_size": str(group_size), "rotate_keys": str(bool(rotate_keys)).lower()}
 
 
 def content_seed(block: BlockTokens, seed: int) -> int:

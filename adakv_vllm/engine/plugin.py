@@ -52,6 +52,7 @@ def _patch_platform(platform_cls) -> None:
         cfg = adakv_config.from_vllm_config(vllm_config)
         if cfg is not None:
             _activate(cls, vllm_config)
+            _check_controller(cfg, vllm_config)
         original_check(cls, vllm_config)
         if cfg is not None and not vllm_config.cache_config.user_specified_block_size:
             vllm_config.cache_config.block_size = DEFAULT_BLOCK_SIZE
@@ -124,6 +125,23 @@ def _activate(platform_cls, vllm_config) -> None:
     if sched.scheduler_cls not in (None, SCHEDULER_PATH):
         raise ValueError(f"AdaKV needs its own scheduler class but scheduler_cls is {sched.scheduler_cls!r}")
     sched.scheduler_cls = SCHEDULER_PATH
+
+
+def _check_controller(cfg, vllm_config) -> None:
+    """Load the learned policy's weights now, so a missing, corrupt or mismatched file is a clear
+    error at start instead of an EngineCore crash."""
+    if cfg.policy != "learned":
+        return
+    from adakv_vllm.controller.policy import controller_expectations, make_policy
+
+    model = vllm_config.model_config
+    make_policy(
+        "learned",
+        cfg.target_bits,
+        vocab_size=model.get_vocab_size() if model is not None else None,
+        weights=cfg.controller_weights,
+        expect=controller_expectations(cfg.group_size, cfg.rotate_keys),
+    )
 
 
 # ---- CLI -----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ prefix gets the same bits on any server.
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import torch
@@ -29,7 +30,7 @@ from adakv_vllm.attention import runtime
 from adakv_vllm.blocks import planner
 from adakv_vllm.blocks import spec as spec_glue
 from adakv_vllm.config import from_vllm_config
-from adakv_vllm.controller.policy import BlockTokens, make_policy
+from adakv_vllm.controller.policy import BlockTokens, controller_expectations, make_policy
 from adakv_vllm.quant.precision import PRECISIONS
 
 logger = logging.getLogger("vllm.adakv")
@@ -47,8 +48,15 @@ class AdaKVScheduler(Scheduler):
         group = self.kv_cache_config.kv_cache_groups[0]
         self.layout = spec_glue.layout_of_spec(group.kv_cache_spec)
         self.num_layers = len(group.layer_names)
+        learned = {}
+        if self.adakv.policy == "learned":
+            learned = dict(
+                vocab_size=self.vllm_config.model_config.get_vocab_size(),
+                weights=self.adakv.controller_weights,
+                expect=controller_expectations(self.adakv.group_size, self.adakv.rotate_keys),
+            )
         self.policy = make_policy(
-            self.adakv.policy, self.adakv.target_bits, self.adakv.seed, self.adakv.sink_tokens
+            self.adakv.policy, self.adakv.target_bits, self.adakv.seed, self.adakv.sink_tokens, **learned
         )
         heads = self.layout.num_kv_heads
         # bytes one token costs in a page at each precision (K and V records of every head)
@@ -167,17 +175,19 @@ class AdaKVScheduler(Scheduler):
         """prefix: the sequence's tokens up to the end of this block; start: its first position;
         sampled: {position: (entropy, probability)} of the sequence's sampled tokens."""
         bs = self.layout.block_size
-        seen = set(prefix[:start])
-        first = []
+        seen = collections.Counter(prefix[:start])
+        prior = []
         for token in prefix[start:]:
-            first.append(token not in seen)
-            seen.add(token)
+            prior.append(seen[token])
+            seen[token] += 1
+        prior_count = torch.tensor(prior, dtype=torch.int64)
         qerr = self._qerr.get(block)
         return BlockTokens(
             token_ids=torch.tensor(prefix[start:], dtype=torch.int64),
             positions=torch.arange(start, start + bs),
             qerr=qerr if qerr is not None else torch.full((bs, NUM_QERR), float("nan")),
-            first_occurrence=torch.tensor(first),
+            first_occurrence=prior_count == 0,
+            prior_count=prior_count,
             sampled=torch.tensor([sampled.get(p, (float("nan"),) * 2) for p in range(start, start + bs)]),
         )
 
@@ -191,6 +201,10 @@ class AdaKVScheduler(Scheduler):
             request = self.requests.get(req_id)
             if request is not None:  # its sampled token is the last one, written next step
                 self._sampled.setdefault(req_id, {})[request.num_tokens - 1] = values
+        for req_id, (positions, entropy, prob) in (features or {}).get("prompt", {}).items():
+            if req_id in self.requests:
+                table = self._sampled.setdefault(req_id, {})
+                table.update(zip(positions, zip(entropy, prob, strict=True), strict=True))
         return outputs
 
     def _store_qerr(self, slots: torch.Tensor, qerr: torch.Tensor) -> None:

@@ -5,8 +5,9 @@
       2. forward (stock); the attention layers write new K/V to staging and read pages + staging
     sample_tokens(...)
       3. report per-token features on ModelRunnerOutput.adakv_features: the quantization error of
-         every token written this step (keyed by vLLM slot) and the entropy / probability of each
-         request's sampled token (keyed by request id)
+         every token written this step (keyed by vLLM slot), the entropy / probability of each
+         request's sampled token (keyed by request id) and, with prompt_features, the same for the
+         prompt tokens whose predicting position ran this step
 
 The FP16 staging area's worst case is charged to the KV memory budget, so AdaKV uses the same
 memory as stock vLLM at the same VLLM_CPU_KVCACHE_SPACE and its capacity figures are honest.
@@ -107,10 +108,34 @@ class AdaKVWorker(CPUWorker):
     def sample_tokens(self, grammar_output):
         state = getattr(self.model_runner, "execute_model_state", None)
         logits = None if state is None else state.logits
+        prompt = self._prompt_distributions(state) if state is not None and self.adakv.prompt_features else {}
         output = super().sample_tokens(grammar_output)
-        return self._attach(output, logits)
+        return self._attach(output, logits, prompt)
 
-    def _attach(self, output, logits):
+    def _prompt_distributions(self, state) -> dict[str, tuple[list[int], list[float], list[float]]]:
+        """Entropy of the next-token distribution at every scheduled position and the probability it
+        gives the prompt token that follows: {req_id: (positions of those following tokens,
+        entropies, probabilities)}. Tokens are laid out per request in input-batch order."""
+        runner, sched = self.model_runner, state.scheduler_output
+        batch = runner.input_batch
+        out, offset = {}, 0
+        for index, req_id in enumerate(batch.req_ids[: batch.num_reqs]):
+            n = sched.num_scheduled_tokens.get(req_id, 0)
+            start = int(batch.num_computed_tokens_cpu[index])
+            prompt_len = int(batch.num_prompt_tokens[index])
+            # position start+j predicts start+j+1; keep those that are prompt tokens
+            count = max(0, min(n, prompt_len - 1 - start))
+            if count:
+                hidden = state.hidden_states[offset : offset + count]
+                logp = torch.log_softmax(runner.model.compute_logits(hidden).float(), dim=-1)  # [count, V]
+                following = torch.from_numpy(batch.token_ids_cpu[index, start + 1 : start + 1 + count]).long()
+                entropy = -(logp.exp() * logp).sum(-1)
+                prob = logp.gather(1, following[:, None]).squeeze(1).exp()
+                out[req_id] = (list(range(start + 1, start + 1 + count)), entropy.tolist(), prob.tolist())
+            offset += n
+        return out
+
+    def _attach(self, output, logits, prompt=None):
         from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 
         if output is EMPTY_MODEL_RUNNER_OUTPUT:
@@ -128,5 +153,6 @@ class AdaKVWorker(CPUWorker):
             "slots": features.get("slots"),
             "qerr": features.get("qerr"),
             "sampled": sampled,
+            "prompt": prompt or {},
         }
         return output

@@ -35,6 +35,8 @@ CONFIGS: dict[str, EvalConfig] = {
         _adakv("random4", "random", 4),
         _adakv("rule3", "rule", 3),
         _adakv("rule4", "rule", 4),
+        _adakv("learned3", "learned", 3),
+        _adakv("learned4", "learned", 4),
     ]
 }
 DEFAULT_CONFIGS = tuple(CONFIGS)
@@ -48,3 +50,28 @@ def parse_configs(names: str) -> list[EvalConfig]:
             raise ValueError(f"unknown config {name!r}; choose from {sorted(CONFIGS)}")
         out.append(CONFIGS[name])
     return out
+
+
+def check_training_overlap(configs: list[EvalConfig], spans: list[tuple[int, int]]) -> None:
+    """Refuse to score WikiText-2 token spans that a learned config's controller was trained on.
+
+    spans: the [start, end) token spans this evaluation scores. The training spans come from the
+    model card beside the weights (`adakv train-controller` writes them)."""
+    import json
+
+    from adakv_vllm.controller.model import card_path
+    from adakv_vllm.controller.policy import SHIPPED_WEIGHTS
+
+    for config in configs:
+        if not config.adakv or config.adakv.get("policy") != "learned":
+            continue
+        card = card_path(config.adakv.get("controller_weights") or SHIPPED_WEIGHTS)
+        if not card.is_file():
+            raise ValueError(f"{config.name}: no model card {card}, so training text cannot be ruled out")
+        trained = json.loads(card.read_text())["data"]["training_spans"]
+        clash = [(a, b) for a, b in spans for c, d in trained if a < d and c < b]
+        if clash:
+            raise ValueError(
+                f"{config.name}: the controller was trained on WikiText-2 tokens that this evaluation scores "
+                f"(first clash: window {clash[0]}); choose another --wikitext-window/--wikitext-limit"
+            )

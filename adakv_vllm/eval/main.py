@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from adakv_vllm.eval import report
-from adakv_vllm.eval.configs import DEFAULT_CONFIGS, REFERENCE, parse_configs
+from adakv_vllm.eval.configs import DEFAULT_CONFIGS, REFERENCE, check_training_overlap, parse_configs
 from adakv_vllm.eval.data import MC_TASKS
 from adakv_vllm.model_store import resolve_model
 
@@ -64,6 +64,17 @@ def main(args: argparse.Namespace) -> int:
         configs.insert(0, parse_configs(REFERENCE)[0])  # KL needs the bf16 reference distributions
     configs.sort(key=lambda c: c.name != REFERENCE)
     model = resolve_model(args.model)
+    if "wikitext" in tasks:
+        from transformers import AutoTokenizer
+
+        from adakv_vllm.eval.tasks import wikitext_ids, wikitext_spans
+
+        num_tokens = len(wikitext_ids(AutoTokenizer.from_pretrained(model)))
+        try:
+            spans = wikitext_spans(num_tokens, args.wikitext_window, args.wikitext_limit)
+            check_training_overlap(configs, spans)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     needle_lengths = [int(x) for x in args.needle_lengths.split(",")]
     settings = {
         "model": model,

@@ -25,7 +25,7 @@ def main(spec: dict) -> dict:
 
     decisions: dict[int, list[int]] = {}
     preemptions = []
-    sampled_positions: list[int] = []
+    sampled_positions: list[list[float]] = []  # [position, entropy, probability] of sealed tokens
     if spec.get("inspect"):
         from adakv_vllm.engine.scheduler import AdaKVScheduler
 
@@ -41,7 +41,9 @@ def main(spec: dict) -> dict:
         def recording_plan(self, candidates):
             bs = self.layout.block_size
             for _, start, sampled in candidates.values():
-                sampled_positions.extend(p for p in sampled if start <= p < start + bs)
+                for p in sorted(sampled):
+                    if start <= p < start + bs:
+                        sampled_positions.append([p, *sampled[p]])
             block_ids, bits = original(self, candidates)
             for block, row in zip(block_ids.tolist(), bits.tolist(), strict=True):
                 decisions[block] = row
@@ -72,6 +74,7 @@ def main(spec: dict) -> dict:
         report.update(_inspect(llm, decisions))
         report["preemptions"] = len(preemptions)
         report["sealed_with_sampler_features"] = len(sampled_positions)
+        report["sampler_features"] = sampled_positions
     return report
 
 
