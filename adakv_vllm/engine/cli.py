@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help=f"hub id or folder (default: embedded {DEFAULT_MODEL})")
     demo.add_argument("--max-tokens", type=int, default=32)
     demo.add_argument("--target-bits", type=float, default=4.0, help="average bits per cached element")
-    demo.add_argument("--policy", default="rule", help="static | random | rule")
+    demo.add_argument("--policy", default="rule", help="static | random | rule | learned")
     demo.add_argument("--max-model-len", type=int, default=2048)
     demo.add_argument(
         "--gpu-memory-utilization",
@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
+    # listed for --help; main() hands its arguments to adakv_vllm.training.main
+    sub.add_parser(
+        "train-controller", help="label WikiText-2 tokens, fit the learned controller, write weights"
+    )
     return parser
 
 
@@ -127,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["bench", "compare"]:
         return load_compare().main(argv[2:])
+    if argv[:1] == ["train-controller"]:
+        from adakv_vllm.training.main import main as train_main
+
+        return train_main(argv[1:])
     if argv and argv[0] in VLLM_PASSTHROUGH:
         return run_vllm_cli(argv)
     args = build_parser().parse_args(argv)

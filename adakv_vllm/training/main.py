@@ -1,0 +1,284 @@
+"""`adakv train-controller`: label WikiText-2 tokens, fit the MLP, write weights + model card.
+
+    adakv train-controller --out adakv_vllm/controller/weights      # what shipped weights come from
+    adakv train-controller --windows 8 --window 64 --epochs 50     # a small run
+
+Stages, each resumable: (1) sensitivity labels in shards of windows under --work (a finished shard
+is never recomputed; delete it to redo), (2) fit with a fixed seed, (3) evaluate on held-out windows
+(classification metrics and the planner's regret against random / rule / oracle allocations),
+optional feature ablations, (4) `<name>.safetensors` + `<name>.card.json` in --out.
+
+Text: the WikiText-2 test file (the only WikiText split shipped with the data), minus every window the
+evaluation suite scores at its usual settings (eval_exclusions); `adakv eval` refuses to score
+windows that overlap the spans recorded in the card of the weights it evaluates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from adakv_vllm.training import fit as fitting
+from adakv_vllm.training.labels import LABEL_BITS, LabelSettings
+
+NAME = "smollm2-135m"
+HEAD_SIZE = 64
+# (window, limit) pairs of `adakv eval --wikitext-window/--wikitext-limit` whose spans are excluded
+EVAL_SETTINGS = tuple((w, n) for w in (128, 256, 512, 1024) for n in (1, 2, 4, 8, 16, 32, 64))
+FEATURE_GROUPS = {
+    "qerr": ("log_qerr2", "log_qerr4", "log_qerr8"),
+    "position": ("log_position",),
+    "rarity": ("rarity", "seq_freq", "token_rank"),
+    "distribution": ("entropy", "confidence", "has_dist"),
+}
+RAW_KEYS = ("token_ids", "prior_count", "qerr", "entropy", "prob", "attn_local", "attn_var")
+
+
+def eval_exclusions(num_tokens: int) -> list[tuple[int, int]]:
+    from adakv_vllm.eval.tasks import wikitext_spans
+
+    spans = set()
+    for window, limit in EVAL_SETTINGS:
+        if num_tokens >= window:
+            spans.update(wikitext_spans(num_tokens, window, limit))
+    return sorted(spans)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="adakv train-controller", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--out", type=Path, default=Path("controller-out"), help="weights + card go here")
+    ap.add_argument("--work", type=Path, default=None, help="label shards (default: OUT/labels)")
+    ap.add_argument("--windows", type=int, default=64, help="training text windows (20%% held out)")
+    ap.add_argument("--shard", type=int, default=16, help="windows labelled per batch / shard file")
+    ap.add_argument("--window", type=int, default=256, help="labelled positions per window")
+    ap.add_argument("--horizon", type=int, default=48, help="predictions summed into a label")
+    ap.add_argument("--position-stride", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=FitSettings().epochs)
+    ap.add_argument("--label-bits", type=float, default=FitSettings().label_bits)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ablation", action="store_true", help="also fit without each feature group")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return ap.parse_args(argv)
+
+
+FitSettings = fitting.FitSettings
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adakv_vllm import model_store
+    from adakv_vllm.eval.tasks import wikitext_ids
+    from adakv_vllm.training.forward import LlamaProbe
+    from adakv_vllm.training.labels import label_batch, training_starts
+
+    model_path = model_store.resolve_model(args.model)
+    settings = LabelSettings(window=args.window, horizon=args.horizon, position_stride=args.position_stride)
+    work = args.work or args.out / "labels"
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = wikitext_ids(tokenizer)
+    length = settings.window + settings.horizon
+    starts = training_starts(len(ids), length, args.windows, eval_exclusions(len(ids)))
+    log(f"{len(starts)} windows of {length} tokens from {len(ids)} WikiText-2 tokens; labels in {work}")
+
+    probe = None
+    shards = []
+    for k in range(0, len(starts), args.shard):
+        path = (
+            work
+            / f"labels-{settings.window}-{settings.horizon}-{settings.position_stride}-{k:04d}.safetensors"
+        )
+        chunk = starts[k : k + args.shard]
+        if not path.exists():
+            if probe is None:
+                model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+                probe = LlamaProbe(model)
+            log(f"labelling windows {k}..{k + len(chunk) - 1}")
+            batch = torch.tensor([ids[a : a + length] for a in chunk])
+            result = label_batch(probe, batch, settings)
+            result["starts"] = torch.tensor(chunk)
+            _save_atomic(result, path)
+        shards.append(_load(path))
+    vocab_size = len(tokenizer)
+
+    train_rows, val_rows, val_blocks = _flatten(shards, holdout=max(1, len(starts) // 5))
+    cost = fitting.record_bytes(HEAD_SIZE, settings.group_size)
+    fit_settings = FitSettings(epochs=args.epochs, label_bits=args.label_bits, seed=args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    drop = torch.rand(train_rows["token_ids"].shape[0], generator=gen) < fit_settings.missing_dist_fraction
+    x_train = fitting.build_features(train_rows, vocab_size, drop)
+    s_train = fitting.full_sensitivity(train_rows["sensitivity"])
+    s_val = fitting.full_sensitivity(val_rows["sensitivity"])
+    x_val_prompt = fitting.build_features(val_rows, vocab_size, torch.ones_like(drop[:1]).expand(len(s_val)))
+    x_val_full = fitting.build_features(val_rows, vocab_size)
+    for b in val_blocks:  # as prompt tokens are served: no sampling distribution known
+        b["x"] = fitting.build_features(b, vocab_size, torch.ones(b["s"].shape[0], dtype=torch.bool))
+    blocks_with_dist = [{**b, "x": fitting.build_features(b, vocab_size)} for b in val_blocks]
+
+    log(f"fitting on {len(s_train)} labelled tokens, validating on {len(s_val)}")
+    with tqdm(total=fit_settings.epochs, desc="fit", unit="epoch") as bar:
+        model, info = fitting.fit(
+            x_train,
+            s_train,
+            cost,
+            fit_settings,
+            progress=lambda e, loss: bar.update(1) or bar.set_postfix(loss=f"{loss:.4f}"),
+        )
+    metrics = {
+        "validation_prompt_tokens": fitting.classification_metrics(
+            model, x_val_prompt, s_val, cost, args.label_bits
+        ),
+        "validation_with_distribution": fitting.classification_metrics(
+            model, x_val_full, s_val, cost, args.label_bits
+        ),
+        "regret_nats": {
+            str(bits): fitting.allocation_regret(
+                val_blocks, model, cost, bits, HEAD_SIZE, settings.group_size
+            )
+            for bits in (2.5, 3.0, 4.0)
+        },
+        "regret_nats_with_distribution": {
+            str(bits): fitting.allocation_regret(
+                blocks_with_dist, model, cost, bits, HEAD_SIZE, settings.group_size
+            )
+            for bits in (3.0, 4.0)
+        },
+    }
+    log(json.dumps(metrics, indent=1))
+    ablation = None
+    if args.ablation:
+        ablation = _ablation(x_train, s_train, cost, fit_settings, val_blocks, settings)
+        ablation["plus_attention"] = _with_attention(
+            train_rows, x_train, s_train, cost, fit_settings, val_blocks, settings
+        )
+
+    from adakv_vllm.controller import model as controller_model
+    from adakv_vllm.controller.features import FEATURE_NAMES
+    from adakv_vllm.controller.policy import controller_expectations
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        **controller_expectations(settings.group_size, settings.rotate_keys),
+        "model": Path(model_path).name,
+        "vocab_size": str(vocab_size),
+    }
+    weights = args.out / f"{NAME}.safetensors"
+    controller_model.save(model, weights, meta)
+    card = {
+        "weights": weights.name,
+        "model": Path(model_path).name,
+        "data": {
+            "text": "WikiText-2 test (shared/data/wikitext2/wiki.test.raw), tokenized without special tokens",
+            "excluded_eval_settings": EVAL_SETTINGS,
+            "training_spans": [[a, a + length] for a in starts],
+            "num_windows": len(starts),
+            "held_out_windows": len(starts) // 5 or 1,
+            "labelled_tokens": {"train": len(s_train), "validation": len(s_val)},
+        },
+        "labels": {**dataclasses.asdict(settings), "bits": LABEL_BITS, "procedure": "training/labels.py"},
+        "features": list(FEATURE_NAMES),
+        "fit": {**dataclasses.asdict(fit_settings), **info},
+        "metrics": metrics,
+        "ablation": ablation,
+        "seconds": round(time.time() - started, 1),
+        "versions": {"torch": torch.__version__},
+    }
+    (args.out / f"{NAME}.card.json").write_text(json.dumps(card, indent=1) + "\n")
+    log(f"wrote {weights} and its card in {time.time() - started:.0f} s")
+    return 0
+
+
+def _ablation(x_train, s_train, cost, fit_settings, val_blocks, settings) -> dict:
+    from adakv_vllm.controller.features import FEATURE_NAMES
+
+    results = {}
+    for group, names in {"none": (), **FEATURE_GROUPS}.items():
+        mask = torch.tensor([n not in names for n in FEATURE_NAMES])
+        model, _ = fitting.fit(x_train, s_train, cost, fit_settings, mask=mask)
+        blocks = [{**b, "x": torch.where(mask, b["x"], 0.0)} for b in val_blocks]
+        results[f"without_{group}"] = {
+            str(bits): fitting.allocation_regret(blocks, model, cost, bits, HEAD_SIZE, settings.group_size)
+            for bits in (3.0, 4.0)
+        }
+        log(f"ablation without {group}: {results[f'without_{group}']}")
+    return results
+
+
+def _attention_columns(rows: dict) -> torch.Tensor:
+    """The offline-only final-layer features: block-local attention received, mean and ln variance
+    over heads (training/labels.py). -> [N, 2]"""
+    return torch.stack([rows["attn_local"], (rows["attn_var"] + 1e-8).log()], -1)
+
+
+def _with_attention(train_rows, x_train, s_train, cost, fit_settings, val_blocks, settings) -> dict:
+    """Does final-layer attention help? Fit with the two attention columns appended."""
+    x = torch.cat([x_train, _attention_columns(train_rows)], 1)
+    model, _ = fitting.fit(x, s_train, cost, fit_settings)
+    blocks = [{**b, "x": torch.cat([b["x"], _attention_columns(b)], 1)} for b in val_blocks]
+    result = {
+        str(bits): fitting.allocation_regret(blocks, model, cost, bits, HEAD_SIZE, settings.group_size)
+        for bits in (3.0, 4.0)
+    }
+    log(f"ablation plus final-layer attention: {result}")
+    return result
+
+
+def _flatten(shards: list[dict], holdout: int):
+    """Per-token rows of labelled positions, split by window; held-out windows also as blocks."""
+    windows = []
+    for shard in shards:
+        pos = shard["positions"]
+        for w in range(shard["starts"].numel()):
+            row = {k: shard[k][w, pos] for k in RAW_KEYS}
+            row["positions"] = pos
+            row["sensitivity"] = shard["sensitivity"][w]
+            windows.append(row)
+    train, val = windows[:-holdout], windows[-holdout:]
+
+    def cat(rows):
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+    blocks = []
+    for row in val:
+        block_of = row["positions"] // 32
+        for b in block_of.unique():
+            sel = block_of == b
+            block = {k: v[sel] for k, v in row.items()}
+            block["s"] = fitting.full_sensitivity(block["sensitivity"])
+            blocks.append(block)
+    return cat(train), cat(val), blocks
+
+
+def _save_atomic(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.rename(path)
+
+
+def _load(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def log(msg: str) -> None:
+    print(f"[train-controller] {msg}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

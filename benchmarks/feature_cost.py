@@ -1,0 +1,93 @@
+"""Per-step cost of the controller's features and decisions, on SmolLM2-135M shapes (no engine).
+
+    .venv/bin/python benchmarks/feature_cost.py [--repeats 20]
+
+Worker side, every step: the store's quantization-error feature (2/4/8-bit errors of each written
+token in each of the 30 layers) -- timed as KVStore.write with and without it. Scheduler side, once
+per sealing block: BlockTokens -> features -> MLP -> planner, for each policy.
+Prints milliseconds per call; figures are for this machine, compare them with a decode step's time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from adakv_vllm.blocks import planner
+from adakv_vllm.blocks.store import KVStore
+from adakv_vllm.controller.policy import BlockTokens, controller_expectations, make_policy
+from adakv_vllm.quant import format as fmt
+from adakv_vllm.quant.precision import PRECISIONS
+
+LAYERS, HEADS, HEAD_SIZE, BLOCK, VOCAB = 30, 3, 64, 32, 49152
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def worker_cost(num_tokens: int, repeats: int) -> tuple[float, float]:
+    record = fmt.RecordLayout(HEAD_SIZE, 32)
+    layout = fmt.PageLayout(BLOCK, HEADS, record, fmt.page_bytes_for_target(BLOCK, HEADS, record, 4.0, 4.0))
+    store = KVStore(layout, LAYERS, 4096, torch.bfloat16, True, max_staging_slots=256)
+    slots = torch.arange(num_tokens, dtype=torch.int64)
+    key = torch.randn(num_tokens, HEADS, HEAD_SIZE).bfloat16()
+    value = torch.randn(num_tokens, HEADS, HEAD_SIZE).bfloat16()
+
+    def step():
+        store.begin_step()
+        for layer in range(LAYERS):
+            store.write(layer, slots, key, value)
+
+    with_features = timed(step, repeats)
+    store._accumulate_features = lambda *a: None
+    without = timed(step, repeats)
+    return with_features, without
+
+
+def scheduler_cost(policy_name: str, repeats: int) -> float:
+    record = fmt.RecordLayout(HEAD_SIZE, 32)
+    cost = torch.tensor([2 * HEADS * record.record_bytes(p) for p in PRECISIONS])
+    budget = int(BLOCK * 2 * HEADS * record.interpolated_bytes(3.0))
+    extra = {}
+    if policy_name == "learned":
+        extra = dict(vocab_size=VOCAB, expect=controller_expectations(32, True))
+    policy = make_policy(policy_name, 3.0, sink_tokens=4, **extra)
+    block = BlockTokens(
+        token_ids=torch.randint(0, VOCAB, (BLOCK,)),
+        positions=torch.arange(64, 64 + BLOCK),
+        qerr=torch.rand(BLOCK, 3) * torch.tensor([0.5, 0.1, 0.01]),
+        first_occurrence=torch.ones(BLOCK, dtype=torch.bool),
+        sampled=torch.full((BLOCK, 2), float("nan")),
+        prior_count=torch.zeros(BLOCK, dtype=torch.int64),
+    )
+
+    def decide():
+        weight, distortion = policy.scores(block)
+        planner.allocate(weight, distortion, cost, budget, policy.floor(block))
+
+    return timed(decide, repeats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    print("worker: KVStore.write over 30 layers, ms per step (quantization-error feature on / off)")
+    for n in (1, 16, 512):
+        on, off = worker_cost(n, args.repeats)
+        print(f"  {n:4d} tokens  {on:8.2f} / {off:8.2f}   feature share {1 - off / on:.0%}")
+    print("scheduler: one sealing block of 32 tokens at 3 bits, ms (features + policy + planner)")
+    for name in ("random", "rule", "learned"):
+        print(f"  {name:8s} {scheduler_cost(name, args.repeats):8.3f}")
+
+
+if __name__ == "__main__":
+    main()
