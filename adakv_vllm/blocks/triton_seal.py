@@ -33,9 +33,11 @@ from adakv_vllm.quant.rotation import rotation_matrix
 
 # A padded token position (block_size not a power of two) gets this code: it sorts after every
 # real record and is given zero record bytes, so it never moves an offset.
-PAD_CODE = 15
+PAD_CODE = tl.constexpr(15)
+# The 16-bit record's code; the quantized precisions have codes 0..FP16_CODE-1 (kernels rely on it).
+FP16_CODE = tl.constexpr(Precision.FP16.code)
 _QUANTIZED = tuple(p for p in PRECISIONS if p.is_quantized)
-assert [p.code for p in PRECISIONS] == list(range(len(PRECISIONS))) and Precision.FP16.code == 3
+assert [p.code for p in _QUANTIZED] == list(range(FP16_CODE.value)) and FP16_CODE.value == len(_QUANTIZED)
 
 
 def layout_constexprs(layout: fmt.PageLayout) -> dict[str, int]:
@@ -238,7 +240,7 @@ def _write_part(
     """All records of one part (the keys or the values) of one head region."""
     t = tl.arange(0, BS_PAD)
     d = tl.arange(0, D_PAD)
-    verbatim = (codes == 3)[:, None] & (d[None, :] < HEAD_SIZE)  # code 3 = 16-bit record
+    verbatim = (codes == FP16_CODE)[:, None] & (d[None, :] < HEAD_SIZE)
     bits16 = tl.load(raw_ptr + t[:, None] * stride_raw + d[None, :], mask=verbatim, other=0)
     dst16 = page_ptr.to(tl.pointer_type(tl.int16)) + offsets[:, None] // 2 + d[None, :]
     tl.store(dst16, bits16, mask=verbatim)

@@ -6,6 +6,8 @@ decorated when `triton` is first imported: once any module of this pytest proces
 test) has imported triton without it, interpreted kernels fail. So `test_under_interpreter` runs
 this file again in a fresh process with TRITON_INTERPRET=1, where the parametrized cases run on
 CPU; in this process they run natively when a GPU is present and are skipped otherwise.
+`test_kernels_compile_for_hopper` compiles the real decode and seal launches for sm_90 (no GPU
+needed), catching what only the compiler rejects.
 """
 
 from __future__ import annotations
@@ -221,6 +223,75 @@ def test_invalid_inputs_raise_value_error(change, match):
     args, codec = _problem(Case("v", (40,)))
     with pytest.raises(ValueError, match=match):
         _kernel().paged_attention_triton(**change(args), codec=codec, scale=1.0)
+
+
+_POINTER_TYPES = {
+    torch.uint8: "*u8",
+    torch.int16: "*i16",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.float32: "*fp32",
+}
+
+
+class _Capture:
+    """Stands in for a @triton.jit kernel: records the arguments of a launch instead of running it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.arg_names, self.launches = kernel, kernel.arg_names, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+def _compile_for_hopper(kernel, args, kwargs) -> None:
+    """Compile one captured launch for sm_90 (Triton's bundled ptxas; no GPU needed)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    constexprs = {k: v for k, v in kwargs.items() if k in kernel.arg_names}
+    options = {k: v for k, v in kwargs.items() if k not in kernel.arg_names}  # num_warps, ...
+    signature = {
+        name: _POINTER_TYPES[v.dtype]
+        if isinstance(v, torch.Tensor)
+        else ("fp32" if isinstance(v, float) else "i32")
+        for name, v in zip(kernel.arg_names, args, strict=False)
+    }
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="compiles the real kernels; the interpreter has none")
+@pytest.mark.parametrize(
+    "rotate_keys", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["rotate", "no_rotation"]
+)
+def test_kernels_compile_for_hopper(monkeypatch, rotate_keys):
+    """GPU-only failures (globals that are not constexpr, shape or type rules the interpreter does
+    not enforce) surface here without a GPU: compile SmolLM2's decode and seal launches for sm_90."""
+    import triton
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    decode = _kernel()
+    seal = importlib.import_module("adakv_vllm.blocks.triton_seal")
+    captures = [
+        (decode, "_split_kernel"),
+        (decode, "_reduce_kernel"),
+        (seal, "_seal_kernel"),
+    ]
+    for module, name in captures:
+        monkeypatch.setattr(module, name, _Capture(getattr(module, name)))
+    args, codec = _problem(Case("smollm2", (70, 5), rotate_keys=rotate_keys, query_dtype=torch.bfloat16))
+    decode.paged_attention_triton(**args, codec=codec, scale=0.125, out=torch.empty_like(args["query"]))
+    kv = args["staging_key"][:1], args["staging_value"][:1]
+    bits = torch.tensor([2, 4, 8, 16]).repeat(8)[None]  # [1, 32]: every precision
+    seal.seal_pages(codec, *kv, bits, bits.flip(1))
+    for module, name in captures:
+        capture = getattr(module, name)
+        _compile_for_hopper(capture.kernel, *capture.launches[0])
 
 
 def test_under_interpreter(request):

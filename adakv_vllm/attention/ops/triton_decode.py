@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from adakv_vllm.blocks.paging import PageCodec
-from adakv_vllm.blocks.triton_seal import by_code, layout_constexprs, page_layout_of_head
+from adakv_vllm.blocks.triton_seal import FP16_CODE, by_code, layout_constexprs, page_layout_of_head
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.rotation import rotation_matrix
 
@@ -39,6 +39,9 @@ from adakv_vllm.quant.rotation import rotation_matrix
 MIN_BLOCKS_PER_SPLIT = 4
 # Without a GPU to size the grid for (interpreter runs), use at most this many splits.
 DEFAULT_SPLITS_CPU = 4
+# Warps of the split kernel. Compiled for sm_90 (Triton 3.9, SmolLM2 shapes), 4 warps need 255
+# registers + 240 B of spills per thread; 8 warps need 202 and spill nothing.
+SPLIT_NUM_WARPS = 8
 
 
 @triton.jit
@@ -52,27 +55,31 @@ def _dequantize_tile(
     HEAD_SIZE: tl.constexpr,
     D_PAD: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,
     BITS_0: tl.constexpr,
     BITS_1: tl.constexpr,
     BITS_2: tl.constexpr,
     SCALES_OFF_0: tl.constexpr,
     SCALES_OFF_1: tl.constexpr,
     SCALES_OFF_2: tl.constexpr,
+    MINS_OFF_0: tl.constexpr,
+    MINS_OFF_1: tl.constexpr,
+    MINS_OFF_2: tl.constexpr,
 ):
     """-> [BS_PAD, D_PAD] fp32: every token's record of one part (keys or values), decoded."""
     d = tl.arange(0, D_PAD)[None, :]
     in_head = d < HEAD_SIZE
-    quantized = (codes < 3)[:, None] & in_head  # code 3 = 16-bit record
+    quantized = (codes < FP16_CODE)[:, None] & in_head
     bits = by_code(codes, BITS_0, BITS_1, BITS_2, 16)[:, None]
     pos = d * bits  # first bit of element d; element j of a byte sits at bits [j*bits, (j+1)*bits)
     byte = tl.load(page8 + offsets[:, None] + (pos >> 3), mask=quantized, other=0).to(tl.int32)
     q = (byte >> (pos & 7)) & ((1 << bits) - 1)
+    # fp16 element index (byte offset // 2) of element d's group scale and min
     scales_at = (offsets + by_code(codes, SCALES_OFF_0, SCALES_OFF_1, SCALES_OFF_2, 0)) // 2
-    param = scales_at[:, None] + d // GROUP_SIZE  # fp16 index of element d's scale; its min follows G later
-    scale = tl.load(page_f16 + param, mask=quantized, other=0.0).to(tl.float32)
-    low = tl.load(page_f16 + param + NUM_GROUPS, mask=quantized, other=0.0).to(tl.float32)
-    exact = (codes == 3)[:, None] & in_head
+    mins_at = (offsets + by_code(codes, MINS_OFF_0, MINS_OFF_1, MINS_OFF_2, 0)) // 2
+    group = d // GROUP_SIZE
+    scale = tl.load(page_f16 + scales_at[:, None] + group, mask=quantized, other=0.0).to(tl.float32)
+    low = tl.load(page_f16 + mins_at[:, None] + group, mask=quantized, other=0.0).to(tl.float32)
+    exact = (codes == FP16_CODE)[:, None] & in_head
     x16 = tl.load(page16 + offsets[:, None] // 2 + d, mask=exact, other=0.0).to(tl.float32)
     return tl.where(quantized, q.to(tl.float32) * scale + low, x16)
 
@@ -117,7 +124,6 @@ def _split_kernel(
     HEAD_SIZE: tl.constexpr,
     D_PAD: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,
     REC_BYTES_0: tl.constexpr,
     REC_BYTES_1: tl.constexpr,
     REC_BYTES_2: tl.constexpr,
@@ -128,6 +134,9 @@ def _split_kernel(
     SCALES_OFF_0: tl.constexpr,
     SCALES_OFF_1: tl.constexpr,
     SCALES_OFF_2: tl.constexpr,
+    MINS_OFF_0: tl.constexpr,
+    MINS_OFF_1: tl.constexpr,
+    MINS_OFF_2: tl.constexpr,
 ):
     tok = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -170,15 +179,15 @@ def _split_kernel(
             )  # fmt: skip
             k = _dequantize_tile(
                 pages_ptr + page, pages16_ptr + page // 2, pages_f16_ptr + page // 2, key_codes, key_off,
-                BS_PAD, HEAD_SIZE, D_PAD, GROUP_SIZE, NUM_GROUPS, BITS_0, BITS_1, BITS_2,
-                SCALES_OFF_0, SCALES_OFF_1, SCALES_OFF_2,
+                BS_PAD, HEAD_SIZE, D_PAD, GROUP_SIZE, BITS_0, BITS_1, BITS_2,
+                SCALES_OFF_0, SCALES_OFF_1, SCALES_OFF_2, MINS_OFF_0, MINS_OFF_1, MINS_OFF_2,
             )  # fmt: skip
             v = _dequantize_tile(
                 pages_ptr + page, pages16_ptr + page // 2, pages_f16_ptr + page // 2, value_codes, value_off,
-                BS_PAD, HEAD_SIZE, D_PAD, GROUP_SIZE, NUM_GROUPS, BITS_0, BITS_1, BITS_2,
-                SCALES_OFF_0, SCALES_OFF_1, SCALES_OFF_2,
+                BS_PAD, HEAD_SIZE, D_PAD, GROUP_SIZE, BITS_0, BITS_1, BITS_2,
+                SCALES_OFF_0, SCALES_OFF_1, SCALES_OFF_2, MINS_OFF_0, MINS_OFF_1, MINS_OFF_2,
             )  # fmt: skip
-            key_rotated = key_codes < 3
+            key_rotated = key_codes < FP16_CODE
         if ROTATE_KEYS:
             q_sel = tl.where(key_rotated[None, :, None], q_rot[:, None, :], q[:, None, :])
             s = tl.sum(q_sel * k[None, :, :], axis=2)  # [GROUP_PAD, BS_PAD]
@@ -333,6 +342,7 @@ def paged_attention_triton(
         GROUP=group,
         GROUP_PAD=triton.next_power_of_2(group),
         ROTATE_KEYS=codec.rotate_keys,
+        num_warps=SPLIT_NUM_WARPS,
         **{k: v for k, v in layout_constexprs(layout).items() if k in _split_kernel.arg_names},
     )
     _reduce_kernel[(num_tokens, num_heads)](
