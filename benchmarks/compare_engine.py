@@ -35,10 +35,6 @@ def random_prompts(vocab: np.ndarray, seed: int, stream: int, length: int, count
     return [{"prompt_token_ids": row.tolist()} for row in ids]
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def progress(name: str, message: str) -> None:
     print(f"{PROGRESS}[{name}] {message}", file=sys.stderr, flush=True)
 
@@ -103,7 +99,10 @@ def run(spec: dict) -> None:
     result: dict = {"name": spec["name"], "phases_done": []}
 
     def save() -> None:
-        result["peak_rss_mib"] = peak_rss_mib()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        result["peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
+        # CPU seconds of this process: far below cores x wall when other work shared the machine
+        result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
         tmp = result_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(result_path)
