@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/feature_cost.py [--repeats 20]
 
 Worker side, every step: the store's quantization-error feature (2/4/8-bit errors of each written
-token in each of the 30 layers) -- timed as KVStore.write with and without it. Scheduler side, once
+token in each of the 30 layers) -- the staging writes of a step with and without computing it. Scheduler side, once
 per sealing block: BlockTokens -> features -> MLP -> planner, for each policy.
 Prints milliseconds per call; figures are for this machine, compare them with a decode step's time.
 """
@@ -40,14 +40,15 @@ def worker_cost(num_tokens: int, repeats: int) -> tuple[float, float]:
     key = torch.randn(num_tokens, HEADS, HEAD_SIZE).bfloat16()
     value = torch.randn(num_tokens, HEADS, HEAD_SIZE).bfloat16()
 
-    def step():
+    def step(features: bool):
         store.begin_step()
         for layer in range(LAYERS):
             store.write(layer, slots, key, value)
+        if features:
+            store.step_features()
 
-    with_features = timed(step, repeats)
-    store._accumulate_features = lambda *a: None
-    without = timed(step, repeats)
+    with_features = timed(lambda: step(True), repeats)
+    without = timed(lambda: step(False), repeats)
     return with_features, without
 
 

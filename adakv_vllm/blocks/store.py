@@ -19,7 +19,7 @@ from adakv_vllm.blocks.paging import PageCodec
 from adakv_vllm.blocks.staging import StagingArea
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import PRECISIONS
-from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, relative_error
+from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, relative_errors
 
 logger = logging.getLogger("vllm.adakv.store")
 
@@ -44,6 +44,7 @@ class KVStore:
         self.staging = StagingArea(num_layers, num_blocks, layout.block_size, h, d, dtype, max_staging_slots)
         self.sealed = torch.zeros(num_blocks, dtype=torch.bool)  # [num_blocks]
         self.pages: list[torch.Tensor | None] = [None] * num_layers  # each [num_blocks, page_bytes] uint8
+        self._written: torch.Tensor | None = None  # [T] slots written this step
         self._features: dict[str, torch.Tensor] | None = None
         # Attention token-reads (query x visible key) served from sealed pages vs in all; layer 0.
         self.sealed_reads = 0
@@ -62,6 +63,7 @@ class KVStore:
 
     # ---- writes ---------------------------------------------------------------------------------
     def begin_step(self) -> None:
+        self._written = None
         self._features = None
 
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -71,30 +73,29 @@ class KVStore:
             return
         self.staging.write(layer, slot_mapping, key, value)
         self.sealed[slot_mapping[valid] // self.layout.block_size] = False
-        self._accumulate_features(slot_mapping[valid], key[valid], value[valid])
-
-    def _accumulate_features(self, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Per token: relative reconstruction error at 2/4/8 bits, summed over layers (K and V)."""
-        err = torch.stack(
-            [self._rel_error(key, p, True) + self._rel_error(value, p, False) for p in FEATURE_PRECISIONS], -1
-        )
-        if self._features is None or not torch.equal(self._features["slots"], slots):
-            self._features = {
-                "slots": slots.clone(),
-                "qerr": torch.zeros_like(err),
-                "layers": torch.zeros(()),
-            }
-        self._features["qerr"] += err / 2
-        self._features["layers"] += 1
-
-    def _rel_error(self, x: torch.Tensor, p, is_key: bool) -> torch.Tensor:
-        return relative_error(x, p, self.layout.record.group_size, is_key and self.rotate_keys)
+        if self._written is None:  # every layer writes the same slots in a step
+            self._written = slot_mapping[valid].clone()
 
     def step_features(self) -> dict[str, torch.Tensor] | None:
-        """Features of the tokens written this step: slots [T] int64, qerr [T, 3] (mean over layers)."""
-        if self._features is None:
+        """Features of the tokens written this step: slots [T] int64 and qerr [T, 3], each token's
+        relative reconstruction error at 2/4/8 bits averaged over layers, heads, K and V.
+
+        Computed once per step from staging for all layers together: per-layer calls cost ~15x more
+        in per-op overhead than the arithmetic (benchmarks/feature_cost.py)."""
+        if self._written is None:
             return None
-        return {"slots": self._features["slots"], "qerr": self._features["qerr"] / self._features["layers"]}
+        if self._features is None:
+            slots = self._written
+            bs = self.layout.block_size
+            staging_slots = self.staging.slot_of_block[slots // bs]
+            key = self.staging.key[:, staging_slots, slots % bs]  # [L, T, H, D]
+            value = self.staging.value[:, staging_slots, slots % bs]
+            layers, num_tokens = key.shape[:2]
+            group = self.layout.record.group_size
+            err = relative_errors(key.flatten(0, 1), FEATURE_PRECISIONS, group, self.rotate_keys)
+            err = err + relative_errors(value.flatten(0, 1), FEATURE_PRECISIONS, group, False)  # [L*T, 3]
+            self._features = {"slots": slots, "qerr": err.view(layers, num_tokens, -1).mean(0) / 2}
+        return self._features
 
     # ---- sealing --------------------------------------------------------------------------------
     def seal(self, block_ids: torch.Tensor, key_bits: torch.Tensor, value_bits: torch.Tensor) -> int:

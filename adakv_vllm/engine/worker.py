@@ -30,6 +30,8 @@ from adakv_vllm.config import from_vllm_config
 
 logger = logging.getLogger("vllm.adakv.worker")
 
+QERR_POLICIES = ("rule", "learned")  # the policies that read each token's quantization error
+
 
 def staging_slots(vllm_config, block_size: int) -> int:
     """Worst-case open blocks at one write: one partial block per running request, plus every block
@@ -140,7 +142,9 @@ class AdaKVWorker(CPUWorker):
 
         if output is EMPTY_MODEL_RUNNER_OUTPUT:
             output = copy.copy(output)  # never mutate the shared singleton
-        features = runtime.store().step_features() or {}
+        # static and random ignore the quantization-error feature: skip its cost
+        uses_qerr = self.adakv.policy in QERR_POLICIES
+        features = (runtime.store().step_features() if uses_qerr else None) or {}
         sampled = {}
         if logits is not None and output.req_ids:
             logp = torch.log_softmax(logits[: len(output.req_ids)].float(), dim=-1)  # [R, V]

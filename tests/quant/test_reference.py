@@ -156,3 +156,18 @@ def test_per_channel_requires_whole_groups():
     x = torch.randn(32, 64)
     out = ref.fake_quantize_channels(x, Precision.INT8, 16)
     assert out.shape == x.shape and (out - x).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("rotate_record", [False, True])
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_fast_relative_errors_match_the_exact_quantizer(rotate_record, group_size):
+    from adakv_vllm.quant.reference import relative_error, relative_errors
+
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(40, 3, 64, generator=gen) * torch.linspace(0.1, 8, 64)).bfloat16()
+    x[0, 0] = 1.5  # a constant group: zero error
+    precisions = [Precision.parse(b) for b in (2, 4, 8)]
+    fast = relative_errors(x, precisions, group_size, rotate_record)
+    exact = torch.stack([relative_error(x, p, group_size, rotate_record) for p in precisions], -1)
+    # the same quantizer; only the summation order of the norms differs
+    torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-7)
