@@ -107,8 +107,9 @@ def _split_kernel(
     staging_slot_ptr,  # [num_blocks] int64, -1 = sealed
     block_table_ptr,  # [num_seqs, max_blocks]
     stride_bt,
-    token_seq_ptr,  # [T] int32 sequence of each query token
-    context_ptr,  # [T] int32 keys visible to each query token
+    query_start_loc_ptr,  # [num_seqs + 1]
+    seq_lens_ptr,  # [num_seqs]
+    num_seqs,
     partial_out_ptr,  # [T, H, num_splits, D] fp32
     lse_ptr,  # [T, H, num_splits] fp32
     scale,
@@ -141,8 +142,23 @@ def _split_kernel(
     tok = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq = tl.load(token_seq_ptr + tok)
-    context = tl.load(context_ptr + tok)
+    # This token's sequence: the last s with query_start_loc[s] <= tok (bisection; empty sequences
+    # are skipped because a later one starts at the same token). Past query_start_loc[num_seqs]:
+    # a padding token, no keys at all.
+    lo = 0
+    hi = num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) <= tok:
+            lo = mid
+        else:
+            hi = mid
+    seq = lo
+    start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - start
+    # the j-th query of the sequence sits at position seq_len - q_len + j and sees keys 0..position
+    context = tl.load(seq_lens_ptr + seq) - q_len + (tok - start) + 1
+    context = tl.where(tok < tl.load(query_start_loc_ptr + num_seqs), context, 0)
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(context, BLOCK_SIZE))
 
@@ -276,20 +292,11 @@ def paged_attention_triton(
         out = torch.empty(num_tokens, num_heads, head_size, dtype=torch.float32, device=query.device)
     elif out.shape != query.shape or not out.is_floating_point() or out.stride(2) != 1:
         raise ValueError(f"out must be a float tensor of shape {list(query.shape)} with contiguous rows")
-    if num_tokens == 0:
+    if num_tokens == 0 or seq_lens.shape[0] == 0:  # nothing to attend: every token is padding
         return out
     device = query.device
     num_kv_heads = layout.num_kv_heads
     group = num_heads // num_kv_heads
-
-    # query token -> (its sequence, how many keys it sees); no device sync. Tokens past
-    # query_start_loc[-1] are padding: context 0, their output rows are left untouched.
-    qsl = query_start_loc.to(torch.int64)
-    tokens = torch.arange(num_tokens, device=device)
-    token_seq = torch.searchsorted(qsl[1:], tokens, right=True).clamp_(max=qsl.numel() - 2)
-    q_len = qsl[token_seq + 1] - qsl[token_seq]
-    context = seq_lens.to(torch.int64)[token_seq] - q_len + (tokens - qsl[token_seq]) + 1
-    context = torch.where(tokens < qsl[-1], context, 0)
 
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
@@ -331,8 +338,9 @@ def paged_attention_triton(
         staging_slot,
         block_table,
         block_table.stride(0),
-        token_seq.to(torch.int32),
-        context.to(torch.int32),
+        query_start_loc,
+        seq_lens,
+        seq_lens.shape[0],
         partial_out,
         lse,
         scale,
