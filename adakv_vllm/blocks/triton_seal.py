@@ -359,23 +359,21 @@ def seal_pages(
     header = torch.zeros(n, layout.header_bytes, dtype=torch.uint8)
     if n:  # format.encode_bit_map validates the bits and owns the nibble packing
         header[:, :t] = fmt.encode_bit_map(kb.reshape(-1), vb.reshape(-1), n * t).reshape(n, t)
-    rec_bytes = torch.tensor([layout.record.record_bytes(p) for p in PRECISIONS])
-    key_codes, value_codes = header[:, :t].long() & 0xF, header[:, :t].long() >> 4
-    used = layout.header_bytes + h * (rec_bytes[key_codes].sum(1) + rec_bytes[value_codes].sum(1))
+    rec_bytes = torch.zeros(Precision.FP16.bits + 1, dtype=torch.int64)  # record bytes by bit-width
+    for p in PRECISIONS:
+        rec_bytes[p.bits] = layout.record.record_bytes(p)
+    used = layout.header_bytes + h * (rec_bytes[kb].sum(1) + rec_bytes[vb].sum(1))  # [n]
     if (used > layout.page_bytes).any():
         raise ValueError(f"bits exceed the page budget: need {int(used.max())} bytes, page holds "
                          f"{layout.page_bytes}")  # fmt: skip
 
+    key, value = key.contiguous(), value.contiguous()
     check_finite(key, "key")
     check_finite(value, "value")
-    quantized = torch.tensor([p.is_quantized for p in PRECISIONS])
     # rotation.rotate's matmul, with the matrix on key's device
-    key_q = key.to(torch.float32) @ rotation_matrix(d).to(device) if codec.rotate_keys else key
-    _check_quantizable(key_q, quantized[key_codes].to(device), "key")
-    _check_quantizable(value, quantized[value_codes].to(device), "value")
-    if codec.rotate_keys:
-        key_q = key_q.contiguous()
-    key, value = key.contiguous(), value.contiguous()
+    key_q = (key.to(torch.float32) @ rotation_matrix(d).to(device)).contiguous() if codec.rotate_keys else key
+    _check_quantizable(key_q, (kb != Precision.FP16.bits).to(device), "key")
+    _check_quantizable(value, (vb != Precision.FP16.bits).to(device), "value")
 
     if pages is None:
         pages = torch.zeros(n, layout.page_bytes, dtype=torch.uint8, device=device)
