@@ -188,8 +188,9 @@ def test_splits_do_not_change_the_result(module):
         )
         for p in (1, 4, 1000)
     ]
+    rtol, atol = TOLERANCES[torch.float32]
     for o in outs[1:]:
-        torch.testing.assert_close(o, outs[0], **dict(zip(("rtol", "atol"), TOLERANCES[torch.float32])))
+        torch.testing.assert_close(o, outs[0], rtol=rtol, atol=atol)
 
 
 def test_invalid_inputs_raise_value_error(module):
@@ -217,3 +218,14 @@ def test_mode_switch(monkeypatch):
     monkeypatch.setenv("ADAKV_CPU_ATTENTION", "bogus")
     with pytest.raises(ValueError, match="auto"):
         cpu.fused_kernel()
+
+
+def test_kernel_runs_on_torchs_openmp_runtime(module):
+    """The library's libgomp.so.1 must be the copy torch loaded, not a second OpenMP runtime."""
+    from pathlib import Path
+
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    if not maps:
+        pytest.skip("no /proc/self/maps on this platform")
+    gomp = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    assert len(gomp) == 1, gomp

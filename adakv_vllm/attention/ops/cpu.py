@@ -12,18 +12,27 @@ registers, and an online softmax shared by the 3 query heads of a KV head. numba
 cannot run inside torch's OpenMP pool (its own threading layer would be a second pool on cores vLLM
 has bound) and has no AVX-512 intrinsics for the unpack; torch.compile's CPU codegen would have to
 materialise the gathered records, i.e. the scratch copy this kernel exists to avoid. C++ gives both
-the intrinsics and at::parallel_for on torch's own threads. The cost is a one-time build (~40 s on
-2 cores, cached per source + flags + CPU under $ADAKV_CACHE_DIR/ext/<hash>).
+the intrinsics and OpenMP on torch's own threads.
+
+Build: torch.utils.cpp_extension.load (ninja), as a plain shared library with one C entry point
+called through ctypes. The source includes no torch header: with torch/extension.h the build took
+~37 s of CPU (~90 s wall on this shared 2-core machine), without it ~2 s. Cached per source + flags
++ torch version + CPU flags under $ADAKV_CACHE_DIR/ext/<hash> (default ~/.cache/adakv/ext/<hash>),
+behind an flock so concurrent processes build once.
+
+Threads: the kernel opens an OpenMP region of torch.get_num_threads() threads, exactly what
+at::parallel_for does under torch's OpenMP backend. Its libgomp.so.1 dependency resolves, by SONAME,
+to the copy torch has already loaded (checked by test_cpu_decode), so it runs on the thread team
+vLLM's CPU worker binds to its cores, not on a second runtime.
 
 Layout numbers come from `quant.format` (`layout_numbers`); the C++ only applies format.py's
-documented packing rules. Threads: at::parallel_for in the extension compiles against torch's
-OpenMP (-fopenmp); the extension's libgomp.so.1 dependency resolves, by SONAME, to the copy torch
-has already loaded, so it runs on the same thread team that vLLM's CPU worker binds to its cores.
+documented packing rules.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import functools
 import hashlib
@@ -81,8 +90,62 @@ def _exclusive(lock_path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build():
-    """Compile (or load the cached build of) the extension. Safe when several processes call it."""
+class _Args(ctypes.Structure):
+    """Mirror of `struct Args` in cpu_decode.cpp, field by field."""
+
+    _fields_ = [
+        ("layout", ctypes.c_int64 * 21),
+        *((name, ctypes.c_int64) for name in ("head_size", "num_heads", "num_kv_heads", "num_tokens")),
+        *((name, ctypes.c_int64) for name in ("num_seqs", "num_blocks", "num_slots")),
+        ("pages", ctypes.c_void_p),
+        ("page_stride", ctypes.c_int64),
+        ("staging_key", ctypes.c_void_p),
+        ("staging_value", ctypes.c_void_p),
+        ("staging_slot", ctypes.c_void_p),
+        ("block_table", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("block_table_i64", "block_table_stride", "block_table_width")),
+        ("seq_lens", ctypes.c_void_p),
+        ("query_start_loc", ctypes.c_void_p),
+        ("seq_lens_i64", ctypes.c_int64),
+        ("query_start_loc_i64", ctypes.c_int64),
+        ("query", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("query_dtype", "q_stride_t", "q_stride_h")),
+        ("query_rot", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("out_dtype", "out_stride_t", "out_stride_h")),
+        ("scale", ctypes.c_double),
+        *((name, ctypes.c_int64) for name in ("pages_per_split", "force_scalar", "num_threads")),
+    ]
+
+
+# the kernel's dtype codes (cpu_decode.cpp: enum Dtype)
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_STATUS = {1: "inconsistent arguments", 2: "a page's bit map, a block id or a staging slot is out of range"}
+
+
+class Kernel:
+    """The loaded library: `run(args)` and `has_avx512()`."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lib = ctypes.CDLL(path)
+        self._lib.adakv_paged_attention.argtypes = [ctypes.POINTER(_Args)]
+        self._lib.adakv_paged_attention.restype = ctypes.c_int
+        self._lib.adakv_args_size.restype = ctypes.c_int64
+        if self._lib.adakv_args_size() != ctypes.sizeof(_Args):
+            raise RuntimeError(f"{path}: struct Args does not match cpu.py's _Args (stale build?)")
+
+    def has_avx512(self) -> bool:
+        return bool(self._lib.adakv_has_avx512())
+
+    def run(self, args: _Args) -> None:
+        status = self._lib.adakv_paged_attention(ctypes.byref(args))
+        if status:
+            raise RuntimeError(f"AdaKV fused attention: {_STATUS.get(status, status)}")
+
+
+def build() -> Kernel:
+    """Compile (or load the cached build of) the kernel. Safe when several processes call it."""
     from torch.utils import cpp_extension
 
     key = build_key()
@@ -96,17 +159,18 @@ def build():
         if fresh:
             logger.info("building the fused CPU attention kernel in %s (one-time)", directory)
         start = time.perf_counter()
-        module = cpp_extension.load(
+        path = cpp_extension.load(
             name=f"adakv_cpu_decode_{key}",
             sources=[str(SOURCE)],
             extra_cflags=list(CFLAGS),
             extra_ldflags=list(LDFLAGS),
             build_directory=str(directory),
             verbose=False,
+            is_python_module=False,
         )
         if fresh:
             logger.info("built the fused CPU attention kernel in %.1f s", time.perf_counter() - start)
-    return module
+    return Kernel(path)
 
 
 @functools.cache
@@ -118,8 +182,8 @@ def _load():
         return None, e
 
 
-def fused_kernel():
-    """The compiled extension when the fused path is selected, else None (use the scratch path).
+def fused_kernel() -> Kernel | None:
+    """The compiled kernel when the fused path is selected, else None (use the scratch path).
 
     ADAKV_CPU_ATTENTION: 'scratch' -> None; 'fused' -> the module or FusedKernelUnavailable;
     'auto' -> the module, or None with one warning when it cannot be built.
@@ -180,12 +244,12 @@ def paged_attention(
     scale: float,
     rotate_keys: bool,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_size], last dim contiguous
-    module=None,
+    module: Kernel | None = None,
     pages_per_split: int = 0,
     force_scalar: bool = False,
 ) -> torch.Tensor:
     """paged_attention_ref's contract, fused. Writes (and returns) `out` for the tokens that belong
-    to a sequence; other rows of `out` are left as they were. `module`: the built extension
+    to a sequence; other rows of `out` are left as they were. `module`: the built Kernel
     (default: build/load it now). pages_per_split: pages per work item, 0 = the kernel's choice.
     force_scalar: run the portable path even where the AVX-512 one is compiled in (tests)."""
     if query.dim() != 3 or query.dtype not in QUERY_DTYPES or query.stride(-1) != 1:
@@ -208,33 +272,70 @@ def paged_attention(
         raise ValueError(f"pages must be [num_blocks, >= {layout.page_bytes}] uint8, got {list(pages.shape)}")
     if staging_slot.dtype != torch.int64 or staging_slot.shape != (pages.shape[0],):
         raise ValueError(f"staging_slot must be [{pages.shape[0]}] int64, got {list(staging_slot.shape)}")
-    for name, t in (("block_table", block_table), ("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+    for name, t in (
+        ("block_table", block_table),
+        ("seq_lens", seq_lens),
+        ("query_start_loc", query_start_loc),
+    ):
         if t.dtype not in INDEX_DTYPES:
             raise ValueError(f"{name} must be one of {INDEX_DTYPES}, got {t.dtype}")
     if out is None:
         out = torch.zeros_like(query)
     elif out.shape != query.shape or out.stride(-1) != 1 or out.dtype not in QUERY_DTYPES:
-        raise ValueError(f"out must be {list(query.shape)} in {QUERY_DTYPES}, got {list(out.shape)} {out.dtype}")
-    if block_table.stride(-1) != 1:
-        block_table = block_table.contiguous()
-    query_rot = rotate(query) if rotate_keys else query.new_empty(0, dtype=torch.float32)
-    if module is None:
-        module = build()
-    module.paged_attention(
-        query,
-        query_rot,
-        pages,
-        staging_key.contiguous(),
-        staging_value.contiguous(),
-        staging_slot.contiguous(),
-        block_table,
-        seq_lens,
-        query_start_loc,
+        raise ValueError(
+            f"out must be {list(query.shape)} in {QUERY_DTYPES}, got {list(out.shape)} {out.dtype}"
+        )
+    if block_table.dim() != 2 or block_table.shape[0] < seq_lens.numel():
+        raise ValueError(
+            f"block_table must be [>= {seq_lens.numel()}, max_blocks], got {list(block_table.shape)}"
+        )
+    if query_start_loc.shape != (seq_lens.numel() + 1,):
+        raise ValueError(
+            f"query_start_loc must be [{seq_lens.numel() + 1}], got {list(query_start_loc.shape)}"
+        )
+    if pages.stride(1) != 1:
+        raise ValueError("pages rows must be contiguous")
+    block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
+    staging_key, staging_value = staging_key.contiguous(), staging_value.contiguous()
+    staging_slot = staging_slot.contiguous()
+    query_rot = rotate(query) if rotate_keys else None  # [num_tokens, num_heads, head_size] fp32
+    kernel = module if module is not None else build()
+    args = _Args(
+        (ctypes.c_int64 * 21)(*layout_numbers(layout, staging_key.dtype)),
+        head_size,
+        num_heads,
+        layout.num_kv_heads,
+        query.shape[0],
+        seq_lens.numel(),
+        pages.shape[0],
+        staging_key.shape[0],
+        pages.data_ptr(),
+        pages.stride(0),
+        staging_key.data_ptr(),
+        staging_value.data_ptr(),
+        staging_slot.data_ptr(),
+        block_table.data_ptr(),
+        block_table.dtype == torch.int64,
+        block_table.stride(0),
+        block_table.shape[1],
+        seq_lens.data_ptr(),
+        query_start_loc.data_ptr(),
+        seq_lens.dtype == torch.int64,
+        query_start_loc.dtype == torch.int64,
+        query.data_ptr(),
+        _DTYPE_CODES[query.dtype],
+        query.stride(0),
+        query.stride(1),
+        query_rot.data_ptr() if query_rot is not None else None,
+        out.data_ptr(),
+        _DTYPE_CODES[out.dtype],
+        out.stride(0),
+        out.stride(1),
         float(scale),
-        list(layout_numbers(layout, staging_key.dtype)),
-        out,
         int(pages_per_split),
-        bool(force_scalar),
+        int(force_scalar),
+        torch.get_num_threads(),
     )
+    kernel.run(args)
     return out
-

@@ -15,18 +15,26 @@
 // With rotate_keys, quantized key records hold k @ R; R is orthonormal, so q . k == (q @ R) . (k @ R)
 // and the kernel dots them with the pre-rotated query instead of rotating keys back.
 //
-// Work: one item = (sequence, KV head, range of pages). An item decodes each record once and serves
-// every query row of its GQA group (rows = query_len x heads per KV head). Per page it computes the
-// scores of the page's tokens, updates an online softmax at page granularity (one rescale per page),
-// then accumulates the values. Long contexts are split over pages (flash-decoding) so that batch 1
-// with 3 KV heads still feeds every thread; a second pass merges the splits' (max, sum, acc).
-// Threads: at::parallel_for (torch's own OpenMP pool, i.e. the threads vLLM's CPU worker binds);
-// items are handed out through an atomic counter because their costs differ.
+// Work: one item = (sequence, range of pages), all KV heads (a page's bytes are read once, in
+// order, and its bit map is parsed once). Per page and KV head, every record is decoded once into
+// registers and serves all query rows of the GQA group (rows = query_len x heads per KV head):
+//   1. scores of the page's key records, in record order (4 records at a time, reduced together);
+//   2. online softmax at page granularity (one rescale of the accumulators per page, masked by
+//      position for causality and the sequence end);
+//   3. the value records accumulate p * v, p looked up through the key order's inverse.
+// Long contexts are split over pages (flash-decoding) so that batch 1 still feeds every thread; a
+// second pass merges the splits' (max, sum, acc).
+//
+// Threads: an OpenMP parallel region of the caller's torch.get_num_threads() threads -- what
+// at::parallel_for expands to under torch's OpenMP backend. The library links libgomp.so.1, which
+// the loader resolves by SONAME to the copy torch has already loaded, so the region runs on torch's
+// own thread team (the one vLLM's CPU worker binds to its cores). Items are handed out through an
+// atomic counter because their costs differ.
+//
+// The file includes no torch header (they dominate build time); cpu.py validates the tensors and
+// passes raw pointers through `adakv_paged_attention(const Args*)`.
 
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <torch/extension.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <atomic>
@@ -34,121 +42,243 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(ADAKV_FORCE_SCALAR)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define ADAKV_AVX512 1
 #include <immintrin.h>
 #endif
 
 namespace {
 
-constexpr int kNumCodes = 4;      // precision codes 0..3 = 2/4/8/16 bits (format.py / precision.py)
-constexpr int kFp16Code = 3;      // the verbatim 16-bit precision
+constexpr int kNumCodes = 4;  // precision codes 0..3 = 2/4/8/16 bits (format.py / precision.py)
+constexpr int kFp16Code = 3;  // the verbatim 16-bit precision
 constexpr int kMaxBlockSize = 1024;
+constexpr int kMaxHeadSize = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Sizes from quant/format.py, never derived here (see cpu.py: layout_numbers).
 struct Layout {
   int block_size, head_size, group_size, num_groups, header_bytes, num_kv_heads;
+  int chunk_shift;  // log2(group_size / 16): the group of 16-element chunk c is c >> chunk_shift
   int64_t page_bytes, page_stride;
   int record_bytes[kNumCodes], scales_offset[kNumCodes], mins_offset[kNumCodes], bits[kNumCodes];
-  bool storage_bf16, rotate_keys;
+  bool storage_bf16;
 };
 
-// Record order of one page: counting sort of the bit map, for the key part [0] and value part [1].
-struct PageIndex {
-  int part_bytes[2];
-  int first[2][kNumCodes + 1];        // record index where each class starts
-  int byte_start[2][kNumCodes];       // byte offset of each class from its part's start
-  uint16_t order[2][kMaxBlockSize];   // token positions in record order
+// Decoder kinds: 0/1/2 = 2/4/8-bit codes, 3 = bf16, 4 = fp16.
+inline int kind_of(int code, const Layout& L) { return code < kFp16Code ? code : (L.storage_bf16 ? 3 : 4); }
+
+// A run of records of one kind: record i of the run lies at base + i * stride and holds token
+// position order[i]; its score sits at record index first + i of the part.
+struct Run {
+  int kind, first, count, stride;
+  const uint8_t* base;  // head 0; head h adds h * head_step
+  int64_t head_step;
 };
 
-inline bool build_index(const uint8_t* bit_map, const Layout& L, PageIndex& ix) {
+// One page (or staged block) as the kernel walks it: the runs of its key and value parts, the token
+// position of every record, and for every position the index of its key record.
+struct PageView {
+  Run runs[2][kNumCodes];
+  int num_runs[2];
+  int num_records;                  // key records whose scores exist (block_size, or staged tokens)
+  alignas(64) uint16_t order[2][kMaxBlockSize + 16];
+  uint16_t key_rank[kMaxBlockSize];  // position -> index of its key record
+};
+
+uint16_t kIota[kMaxBlockSize + 16];
+const bool kIotaReady = [] {
+  for (int i = 0; i < kMaxBlockSize + 16; ++i) kIota[i] = static_cast<uint16_t>(i);
+  return true;
+}();
+
+// Parse a sealed page's bit map. Returns false on a precision code outside 0..3 or a region
+// that overflows the page.
+inline bool view_page(const uint8_t* page, const Layout& L, PageView& v) {
+  const int bs = L.block_size;
   int count[2][kNumCodes] = {};
-  for (int t = 0; t < L.block_size; ++t) {
-    const int k = bit_map[t] & 0xF, v = bit_map[t] >> 4;
-    if (k >= kNumCodes || v >= kNumCodes) return false;
-    ++count[0][k];
-    ++count[1][v];
+  bool ok = true;
+  for (int t = 0; t < bs; ++t) {
+    const int k = page[t] & 0xF, val = page[t] >> 4;
+    ok &= k < kNumCodes && val < kNumCodes;
+    ++count[0][k & 3];
+    ++count[1][val & 3];
   }
-  for (int part = 0; part < 2; ++part) {
-    int index = 0, bytes = 0;
+  if (!ok) return false;
+  int first[2][kNumCodes], part_start = L.header_bytes;
+  for (int part = 0; part < 2; ++part) {  // the value part starts where the key part ends
+    int index = 0;
+    v.num_runs[part] = 0;
     for (int c = 0; c < kNumCodes; ++c) {
-      ix.first[part][c] = index;
-      ix.byte_start[part][c] = bytes;
+      first[part][c] = index;
+      if (count[part][c])
+        v.runs[part][v.num_runs[part]++] = {kind_of(c, L), index, count[part][c], L.record_bytes[c],
+                                            page + part_start, 0};
       index += count[part][c];
-      bytes += count[part][c] * L.record_bytes[c];
+      part_start += count[part][c] * L.record_bytes[c];
     }
-    ix.first[part][kNumCodes] = index;
-    ix.part_bytes[part] = bytes;
   }
-  int next[2][kNumCodes];
-  std::memcpy(next, ix.first, sizeof(next[0]));
-  std::memcpy(next[1], ix.first[1], sizeof(next[1]));
-  for (int t = 0; t < L.block_size; ++t) {
-    ix.order[0][next[0][bit_map[t] & 0xF]++] = static_cast<uint16_t>(t);
-    ix.order[1][next[1][bit_map[t] >> 4]++] = static_cast<uint16_t>(t);
+  const int64_t region = part_start - L.header_bytes;
+  if (L.header_bytes + L.num_kv_heads * region > L.page_bytes) return false;
+  for (int part = 0; part < 2; ++part)
+    for (int i = 0; i < v.num_runs[part]; ++i) v.runs[part][i].head_step = region;
+  for (int t = 0; t < bs; ++t) {
+    const int k = page[t] & 0xF, val = page[t] >> 4;
+    v.key_rank[t] = static_cast<uint16_t>(first[0][k]);
+    v.order[0][first[0][k]++] = static_cast<uint16_t>(t);
+    v.order[1][first[1][val]++] = static_cast<uint16_t>(t);
   }
+  v.num_records = bs;
   return true;
 }
 
-inline float half_to_float(uint16_t h) { return static_cast<float>(c10::Half(h, c10::Half::from_bits())); }
-inline float bf16_to_float(uint16_t h) {
-  return static_cast<float>(c10::BFloat16(h, c10::BFloat16::from_bits()));
+// An open block: staging [slot, t, head, d], one 16-bit run of n_valid tokens in position order.
+inline void view_staged(const uint8_t* staging_key, const uint8_t* staging_value, int64_t slot, int n_valid,
+                        const Layout& L, PageView& v) {
+  const int64_t token_bytes = static_cast<int64_t>(L.num_kv_heads) * L.head_size * 2;
+  const int64_t start = slot * L.block_size * token_bytes;
+  const int kind = kind_of(kFp16Code, L);
+  v.runs[0][0] = {kind, 0, n_valid, static_cast<int>(token_bytes), staging_key + start, L.head_size * 2};
+  v.runs[1][0] = {kind, 0, n_valid, static_cast<int>(token_bytes), staging_value + start, L.head_size * 2};
+  v.num_runs[0] = v.num_runs[1] = 1;
+  v.num_records = n_valid;
+  std::memcpy(v.order[0], kIota, sizeof(uint16_t) * (n_valid + 16));
+  std::memcpy(v.order[1], kIota, sizeof(uint16_t) * n_valid);
+  std::memcpy(v.key_rank, kIota, sizeof(uint16_t) * n_valid);
 }
 
-// ---- one record -> fp32, portable ------------------------------------------------------------
-inline void decode_record_scalar(const uint8_t* rec, int code, const Layout& L, float* out) {
-  const int d = L.head_size;
-  if (code == kFp16Code) {
-    const uint16_t* x = reinterpret_cast<const uint16_t*>(rec);
-    for (int i = 0; i < d; ++i) out[i] = L.storage_bf16 ? bf16_to_float(x[i]) : half_to_float(x[i]);
-    return;
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+  if (exp == 0x1F) return bits_to_float(sign | 0x7F800000u | (man << 13));  // inf / nan
+  if (exp == 0) {  // zero or subnormal: man * 2^-24
+    const float v = static_cast<float>(man) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
   }
-  const int bits = L.bits[code], per_byte = 8 / bits, mask = (1 << bits) - 1;
-  const uint16_t* scales = reinterpret_cast<const uint16_t*>(rec + L.scales_offset[code]);
-  const uint16_t* mins = reinterpret_cast<const uint16_t*>(rec + L.mins_offset[code]);
-  for (int i = 0; i < d; ++i) {
-    const int q = (rec[i / per_byte] >> ((i % per_byte) * bits)) & mask;
-    const int g = i / L.group_size;
-    out[i] = static_cast<float>(q) * half_to_float(scales[g]) + half_to_float(mins[g]);
+  return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
+}
+inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+  const uint32_t u = float_to_bits(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1)) >> 16);
+}
+inline uint16_t float_to_half(float f) {  // round to nearest even, overflow to inf
+  const uint32_t u = float_to_bits(f), sign = (u >> 16) & 0x8000, a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00);
+  if (a >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00);  // >= 65520 rounds to inf
+  if (a < 0x38800000u) {  // below the smallest normal half: round a * 2^24 to an integer
+    const float v = bits_to_float(a) * 16777216.0f;
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(v)));
   }
+  const uint32_t r = a + 0xFFFu + ((a >> 13) & 1);
+  return static_cast<uint16_t>(sign | ((r - 0x38000000u) >> 13));
 }
 
-#ifdef ADAKV_AVX512
-// ---- one record -> NC zmm of fp32 (elements 16c .. 16c+15 in out[c]) ---------------------------
-// KIND: 0/1/2 = 2/4/8-bit codes, 3 = bf16, 4 = fp16. NC = head_size / 16, or 0 = runtime (nc).
-constexpr int kMaxChunks = 16;  // head_size <= 256
-
-template <int NC>
-struct Chunks {
-  static constexpr int kCap = NC ? NC : kMaxChunks;
+// The query rows of one KV head, and where their scores and accumulators live.
+struct Rows {
+  int count, d, sc_stride;
+  const float* q;     // [count, d] pre-scaled query, for 16-bit keys
+  const float* qrot;  // [count, d] pre-scaled rotated query, for quantized keys (== q if not rotated)
+  float* sc;          // [count, sc_stride] scores then probabilities, by key record index
+  float* acc;         // [count, d]
+  const int* visible; // [count] visible positions of the current page (a prefix, by causality)
 };
 
-template <int KIND>
-inline __m512i unpack16(const uint8_t* codes, int c) {
-  if constexpr (KIND == 2) {
-    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * c)));
-  } else if constexpr (KIND == 1) {
-    // 8 bytes hold 16 nibbles: duplicate each byte, then shift odd lanes by 4.
-    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * c));
-    const __m512i w = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b));
-    const __m512i shift = _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
-    return _mm512_and_si512(_mm512_srlv_epi32(w, shift), _mm512_set1_epi32(0xF));
-  } else {
-    // 4 bytes hold 16 crumbs: element i at bit 2i of the little-endian word.
-    uint32_t word;
-    std::memcpy(&word, codes + 4 * c, 4);
-    const __m512i shift = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shift),
-                            _mm512_set1_epi32(0x3));
+// ================================ portable path =================================================
+struct ScalarPath {
+  static void decode(int kind, const uint8_t* rec, const Layout& L, float* out) {
+    const int d = L.head_size;
+    if (kind >= 3) {
+      const uint16_t* x = reinterpret_cast<const uint16_t*>(rec);
+      for (int i = 0; i < d; ++i) out[i] = kind == 3 ? bf16_to_float(x[i]) : half_to_float(x[i]);
+      return;
+    }
+    const int bits = L.bits[kind], per_byte = 8 / bits, mask = (1 << bits) - 1;
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(rec + L.scales_offset[kind]);
+    const uint16_t* mins = reinterpret_cast<const uint16_t*>(rec + L.mins_offset[kind]);
+    for (int i = 0; i < d; ++i) {
+      const int q = (rec[i / per_byte] >> ((i % per_byte) * bits)) & mask;
+      const int g = i / L.group_size;
+      out[i] = static_cast<float>(q) * half_to_float(scales[g]) + half_to_float(mins[g]);
+    }
   }
-}
 
+  static void scores(const Run& run, const uint8_t* base, const uint16_t* order, Rows& R, const Layout& L) {
+    (void)order;
+    float k[kMaxHeadSize];
+    const float* q = run.kind < 3 ? R.qrot : R.q;
+    for (int i = 0; i < run.count; ++i) {
+      decode(run.kind, base + static_cast<int64_t>(i) * run.stride, L, k);
+      for (int r = 0; r < R.count; ++r) {
+        float dot = 0.f;
+        for (int e = 0; e < R.d; ++e) dot += q[r * R.d + e] * k[e];
+        R.sc[r * R.sc_stride + run.first + i] = dot;
+      }
+    }
+  }
+
+  static void values(const Run& run, const uint8_t* base, const uint16_t* order, const uint16_t* key_rank,
+                     Rows& R, const Layout& L) {
+    float v[kMaxHeadSize];
+    const int t_max = R.visible[R.count - 1];
+    for (int i = 0; i < run.count; ++i) {
+      const int t = order[i];
+      if (t >= t_max) continue;
+      decode(run.kind, base + static_cast<int64_t>(i) * run.stride, L, v);
+      for (int r = 0; r < R.count; ++r) {
+        const float p = R.sc[r * R.sc_stride + key_rank[t]];
+        float* a = R.acc + r * R.d;
+        for (int e = 0; e < R.d; ++e) a[e] += p * v[e];
+      }
+    }
+  }
+
+  // scores -> probabilities in place (by key record index); returns via m/l and rescales acc.
+  static void softmax(Rows& R, const uint16_t* key_order, int num_records, float* m, float* l) {
+    for (int r = 0; r < R.count; ++r) {
+      float* sc = R.sc + r * R.sc_stride;
+      const int vis = R.visible[r];
+      float m_new = m[r];
+      for (int i = 0; i < num_records; ++i)
+        if (key_order[i] < vis) m_new = std::max(m_new, sc[i]);
+      if (m_new == kNegInf) {  // nothing visible: probabilities read as zero
+        std::fill(sc, sc + num_records, 0.f);
+        continue;
+      }
+      const float alpha = std::exp(m[r] - m_new);
+      float sum = 0.f;
+      for (int i = 0; i < num_records; ++i) {
+        sc[i] = key_order[i] < vis ? std::exp(sc[i] - m_new) : 0.f;
+        sum += sc[i];
+      }
+      if (alpha != 1.0f)
+        for (int e = 0; e < R.d; ++e) R.acc[r * R.d + e] *= alpha;
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+    }
+  }
+};
+
+// ================================ AVX-512 path ==================================================
+#ifdef ADAKV_AVX512
+constexpr int kMaxChunks = kMaxHeadSize / 16;
+#define ADAKV_INLINE inline __attribute__((always_inline))
+
+// One record -> NC zmm of fp32, out[c] = elements 16c .. 16c+15. NC = head_size / 16, 0 = runtime.
 template <int KIND, int NC>
-inline void decode_record(const uint8_t* rec, const Layout& L, int nc, __m512* out) {
-  constexpr int code = KIND < 3 ? KIND : kFp16Code;
+ADAKV_INLINE void decode_record(const uint8_t* rec, const Layout& L, int nc, __m512* out) {
   const int n = NC ? NC : nc;
   if constexpr (KIND == 3) {
     for (int c = 0; c < n; ++c) {
@@ -159,19 +289,60 @@ inline void decode_record(const uint8_t* rec, const Layout& L, int nc, __m512* o
     for (int c = 0; c < n; ++c)
       out[c] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 32 * c)));
   } else {
-    const __mmask16 gmask = static_cast<__mmask16>((1u << L.num_groups) - 1);
-    const __m512 scales = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, rec + L.scales_offset[code]));
-    const __m512 mins = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, rec + L.mins_offset[code]));
-    const int chunks_per_group = L.group_size / 16;
+    if constexpr (KIND == 2) {  // one byte per element
+      for (int c = 0; c < n; ++c)
+        out[c] = _mm512_cvtepi32_ps(
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 16 * c))));
+    } else if constexpr (KIND == 1) {
+      // 16 bytes = 32 nibbles: low nibbles are the even elements, high nibbles the odd ones;
+      // two 2-source permutes interleave them back into element order.
+      const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      const __m512i hi_idx = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+      const __m512i nibble = _mm512_set1_epi32(0xF);
+      for (int c = 0; c < n; c += 2) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 8 * c)));
+        const __m512i even = _mm512_and_si512(b, nibble), odd = _mm512_srli_epi32(b, 4);
+        out[c] = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(even, lo_idx, odd));
+        out[c + 1] = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(even, hi_idx, odd));
+      }
+    } else {
+      // 4 bytes = 16 crumbs: element i at bit 2i of the little-endian word.
+      const __m512i shift = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      for (int c = 0; c < n; ++c) {
+        uint32_t word;
+        std::memcpy(&word, rec + 4 * c, 4);
+        out[c] = _mm512_cvtepi32_ps(_mm512_and_si512(
+            _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shift), _mm512_set1_epi32(3)));
+      }
+    }
+    // x = code * scale + min, per group of group_size elements (>= 16, so whole chunks). The fp16
+    // scales and mins are converted together, then broadcast from memory (cheap loads).
+    alignas(64) float params[2 * kMaxChunks];
+    const int groups = L.num_groups;
+    const uint8_t* sp = rec + L.scales_offset[KIND];
+    const uint8_t* mp = rec + L.mins_offset[KIND];
+    const __mmask16 gmask = static_cast<__mmask16>((1u << groups) - 1);
+    _mm512_store_ps(params, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, sp)));
+    _mm512_store_ps(params + kMaxChunks, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, mp)));
     for (int c = 0; c < n; ++c) {
-      const __m512i g = _mm512_set1_epi32(c / chunks_per_group);
-      const __m512 x = _mm512_cvtepi32_ps(unpack16<KIND>(rec, c));
-      out[c] = _mm512_fmadd_ps(x, _mm512_permutexvar_ps(g, scales), _mm512_permutexvar_ps(g, mins));
+      const int g = c >> L.chunk_shift;
+      out[c] = _mm512_fmadd_ps(out[c], _mm512_set1_ps(params[g]), _mm512_set1_ps(params[kMaxChunks + g]));
     }
   }
 }
 
-inline __m512 exp512(__m512 x) {
+// [sum(a), sum(b), sum(c), sum(d)]
+ADAKV_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+ADAKV_INLINE __m512 exp512(__m512 x) {
   // Cody-Waite reduction x = n ln2 + f, |f| <= ln2/2; degree-6 Taylor: relative error < 2e-7.
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -187,201 +358,182 @@ inline __m512 exp512(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
-#endif  // ADAKV_AVX512
 
-// Everything one work item needs, in fp32, laid out per query row (row = j * group + g).
-struct ItemState {
-  int rows, d, sc_stride;
-  float* q;      // [rows, d], pre-scaled by `scale`
-  float* qrot;   // [rows, d] (rotated query, pre-scaled) or == q when keys are not rotated
-  float* sc;     // [rows, sc_stride] scores, then probabilities, of the current page
-  float* acc;    // [rows, d]
-  float* m;      // [rows] running max
-  float* l;      // [rows] running sum
-  int* visible;  // [rows] visible tokens of the current page
-};
-
-// ---- scores of one page ----------------------------------------------------------------------
-// key(t) for t < n_valid is given by the caller through `for_each_key(fn)`, fn(t, record, code).
-#ifdef ADAKV_AVX512
-template <int KIND, int NC>
-inline void score_run(const uint8_t* rec, int stride, const uint16_t* order, int n, int n_valid,
-                      const float* qsel, ItemState& s, const Layout& L, int nc) {
-  __m512 kv[Chunks<NC>::kCap];
-  const int chunks = NC ? NC : nc;
-  for (int i = 0; i < n; ++i, rec += stride) {
-    const int t = order ? order[i] : i;
-    if (t >= n_valid) continue;
-    decode_record<KIND, NC>(rec, L, nc, kv);
-    for (int r = 0; r < s.rows; ++r) {
-      const float* q = qsel + r * s.d;
-      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q), kv[0]);
-      for (int c = 1; c < chunks; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), kv[c], acc);
-      s.sc[r * s.sc_stride + t] = _mm512_reduce_add_ps(acc);
-    }
-  }
-}
-
+// Scores of RB rows for a run: 4 records at a time, their RB x 4 dot products reduced together.
 template <int KIND, int NC, int RB>
-inline void value_run_rows(const uint8_t* rec, int stride, const uint16_t* order, int n, int t_max,
-                           const float* p, float* acc_rows, ItemState& s, const Layout& L, int nc) {
-  const int chunks = NC ? NC : nc;
-  __m512 acc[RB][Chunks<NC>::kCap];
-  for (int r = 0; r < RB; ++r)
-    for (int c = 0; c < chunks; ++c) acc[r][c] = _mm512_loadu_ps(acc_rows + r * s.d + 16 * c);
-  __m512 v[Chunks<NC>::kCap];
-  for (int i = 0; i < n; ++i, rec += stride) {
-    const int t = order ? order[i] : i;
-    if (t >= t_max) continue;
-    decode_record<KIND, NC>(rec, L, nc, v);
-    for (int r = 0; r < RB; ++r) {
-      const __m512 pr = _mm512_set1_ps(p[r * s.sc_stride + t]);
-      for (int c = 0; c < chunks; ++c) acc[r][c] = _mm512_fmadd_ps(pr, v[c], acc[r][c]);
+inline void score_rows(const uint8_t* base, int stride, int count, const float* q, float* sc, int d,
+                       int sc_stride, const Layout& L) {
+  constexpr int cap = NC ? NC : kMaxChunks;
+  const int nc = NC ? NC : d / 16;
+  __m512 kv[cap];
+  for (int i = 0; i < count; i += 4) {
+    __m512 acc[RB][4];
+    for (int k = 0; k < 4; ++k) {
+      if (i + k >= count) {
+        for (int r = 0; r < RB; ++r) acc[r][k] = _mm512_setzero_ps();
+        continue;
+      }
+      decode_record<KIND, NC>(base + static_cast<int64_t>(i + k) * stride, L, nc, kv);
+      for (int r = 0; r < RB; ++r) {
+        const float* qr = q + r * d;
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qr), kv[0]);
+        for (int c = 1; c < nc; ++c) a = _mm512_fmadd_ps(_mm512_loadu_ps(qr + 16 * c), kv[c], a);
+        acc[r][k] = a;
+      }
     }
+    // sc has 16 slack floats per row beyond the last record, so a 4-wide store may overhang.
+    for (int r = 0; r < RB; ++r)
+      _mm_storeu_ps(sc + r * sc_stride + i, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
   }
-  for (int r = 0; r < RB; ++r)
-    for (int c = 0; c < chunks; ++c) _mm512_storeu_ps(acc_rows + r * s.d + 16 * c, acc[r][c]);
 }
 
-template <int KIND, int NC>
-inline void value_run(const uint8_t* rec, int stride, const uint16_t* order, int n, ItemState& s,
-                      const Layout& L, int nc) {
-  // Rows in blocks of up to 4 keep their accumulators in registers; a row block decodes the run once.
-  for (int r0 = 0; r0 < s.rows; r0 += 4) {
-    const int rb = std::min(4, s.rows - r0);
-    const int t_max = s.visible[r0 + rb - 1];  // later rows see at least as much (causal)
-    if (t_max <= 0) continue;
-    const float* p = s.sc + r0 * s.sc_stride;
-    float* a = s.acc + r0 * s.d;
-    switch (rb) {
-      case 1: value_run_rows<KIND, NC, 1>(rec, stride, order, n, t_max, p, a, s, L, nc); break;
-      case 2: value_run_rows<KIND, NC, 2>(rec, stride, order, n, t_max, p, a, s, L, nc); break;
-      case 3: value_run_rows<KIND, NC, 3>(rec, stride, order, n, t_max, p, a, s, L, nc); break;
-      default: value_run_rows<KIND, NC, 4>(rec, stride, order, n, t_max, p, a, s, L, nc); break;
+// Accumulate p * v of a value run into RB rows kept in registers.
+template <int KIND, int NC, int RB>
+inline void value_rows(const uint8_t* base, int stride, int count, const uint16_t* order,
+                       const uint16_t* key_rank, int t_max, const float* p, float* acc_rows, int d,
+                       int sc_stride, const Layout& L) {
+  constexpr int cap = NC ? NC : kMaxChunks;
+  const int nc = NC ? NC : d / 16;
+  __m512 acc[RB][cap];
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < nc; ++c) acc[r][c] = _mm512_loadu_ps(acc_rows + r * d + 16 * c);
+  __m512 v[cap];
+  for (int i = 0; i < count; ++i) {
+    const int t = order[i];
+    if (t >= t_max) continue;
+    decode_record<KIND, NC>(base + static_cast<int64_t>(i) * stride, L, nc, v);
+    const float* pr = p + key_rank[t];
+    for (int r = 0; r < RB; ++r) {
+      const __m512 w = _mm512_set1_ps(pr[r * sc_stride]);
+      for (int c = 0; c < nc; ++c) acc[r][c] = _mm512_fmadd_ps(w, v[c], acc[r][c]);
     }
   }
+  for (int r = 0; r < RB; ++r)
+    for (int c = 0; c < nc; ++c) _mm512_storeu_ps(acc_rows + r * d + 16 * c, acc[r][c]);
 }
 
 template <int NC>
 struct Avx512Path {
-  static void scores(int kind, const uint8_t* rec, int stride, const uint16_t* order, int n, int n_valid,
-                     const float* qsel, ItemState& s, const Layout& L) {
-    const int nc = L.head_size / 16;
-    switch (kind) {
-      case 0: score_run<0, NC>(rec, stride, order, n, n_valid, qsel, s, L, nc); break;
-      case 1: score_run<1, NC>(rec, stride, order, n, n_valid, qsel, s, L, nc); break;
-      case 2: score_run<2, NC>(rec, stride, order, n, n_valid, qsel, s, L, nc); break;
-      case 3: score_run<3, NC>(rec, stride, order, n, n_valid, qsel, s, L, nc); break;
-      default: score_run<4, NC>(rec, stride, order, n, n_valid, qsel, s, L, nc); break;
+  template <int KIND>
+  static void scores_kind(const Run& run, const uint8_t* base, Rows& R, const Layout& L) {
+    const float* q = KIND < 3 ? R.qrot : R.q;
+    // Rows in blocks of up to 3 (SmolLM2's GQA group): RB x 4 accumulators stay in registers.
+    for (int r0 = 0; r0 < R.count; r0 += 3) {
+      const float* qb = q + r0 * R.d;
+      float* sc = R.sc + r0 * R.sc_stride + run.first;
+      switch (std::min(3, R.count - r0)) {
+        case 1: score_rows<KIND, NC, 1>(base, run.stride, run.count, qb, sc, R.d, R.sc_stride, L); break;
+        case 2: score_rows<KIND, NC, 2>(base, run.stride, run.count, qb, sc, R.d, R.sc_stride, L); break;
+        default: score_rows<KIND, NC, 3>(base, run.stride, run.count, qb, sc, R.d, R.sc_stride, L); break;
+      }
     }
   }
-  static void values(int kind, const uint8_t* rec, int stride, const uint16_t* order, int n, ItemState& s,
-                     const Layout& L) {
-    const int nc = L.head_size / 16;
-    switch (kind) {
-      case 0: value_run<0, NC>(rec, stride, order, n, s, L, nc); break;
-      case 1: value_run<1, NC>(rec, stride, order, n, s, L, nc); break;
-      case 2: value_run<2, NC>(rec, stride, order, n, s, L, nc); break;
-      case 3: value_run<3, NC>(rec, stride, order, n, s, L, nc); break;
-      default: value_run<4, NC>(rec, stride, order, n, s, L, nc); break;
+  static void scores(const Run& run, const uint8_t* base, const uint16_t*, Rows& R, const Layout& L) {
+    switch (run.kind) {
+      case 0: scores_kind<0>(run, base, R, L); break;
+      case 1: scores_kind<1>(run, base, R, L); break;
+      case 2: scores_kind<2>(run, base, R, L); break;
+      case 3: scores_kind<3>(run, base, R, L); break;
+      default: scores_kind<4>(run, base, R, L); break;
     }
   }
-  // Page-level online softmax: scores -> probabilities in place, rescale acc/l.
-  static void softmax(ItemState& s) {
-    for (int r = 0; r < s.rows; ++r) {
-      const int n = s.visible[r];
-      float* sc = s.sc + r * s.sc_stride;
-      if (n <= 0) {  // this row sees none of the page: its probabilities must read as zero
-        std::fill(sc, sc + s.sc_stride, 0.f);
+
+  template <int KIND>
+  static void values_kind(const Run& run, const uint8_t* base, const uint16_t* order, const uint16_t* key_rank,
+                          Rows& R, const Layout& L) {
+    for (int r0 = 0; r0 < R.count; r0 += 4) {
+      const int rb = std::min(4, R.count - r0);
+      const int t_max = R.visible[r0 + rb - 1];  // later rows see at least as much (causal)
+      if (t_max <= 0) continue;
+      const float* p = R.sc + r0 * R.sc_stride;
+      float* a = R.acc + r0 * R.d;
+#define ADAKV_VALUES(N) \
+  value_rows<KIND, NC, N>(base, run.stride, run.count, order, key_rank, t_max, p, a, R.d, R.sc_stride, L)
+      switch (rb) {
+        case 1: ADAKV_VALUES(1); break;
+        case 2: ADAKV_VALUES(2); break;
+        case 3: ADAKV_VALUES(3); break;
+        default: ADAKV_VALUES(4); break;
+      }
+#undef ADAKV_VALUES
+    }
+  }
+  static void values(const Run& run, const uint8_t* base, const uint16_t* order, const uint16_t* key_rank,
+                     Rows& R, const Layout& L) {
+    switch (run.kind) {
+      case 0: values_kind<0>(run, base, order, key_rank, R, L); break;
+      case 1: values_kind<1>(run, base, order, key_rank, R, L); break;
+      case 2: values_kind<2>(run, base, order, key_rank, R, L); break;
+      case 3: values_kind<3>(run, base, order, key_rank, R, L); break;
+      default: values_kind<4>(run, base, order, key_rank, R, L); break;
+    }
+  }
+
+  static void softmax(Rows& R, const uint16_t* key_order, int num_records, float* m, float* l) {
+    for (int r = 0; r < R.count; ++r) {
+      float* sc = R.sc + r * R.sc_stride;
+      const __m512i vis = _mm512_set1_epi32(R.visible[r]);
+      __mmask16 keep[kMaxBlockSize / 16 + 1];
+      __m512 mx = _mm512_set1_ps(kNegInf);
+      for (int i = 0, j = 0; i < num_records; i += 16, ++j) {
+        const __mmask16 in = static_cast<__mmask16>(num_records - i >= 16 ? 0xFFFF : (1u << (num_records - i)) - 1);
+        const __m512i pos = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(key_order + i)));
+        keep[j] = _mm512_mask_cmplt_epi32_mask(in, pos, vis);
+        mx = _mm512_mask_max_ps(mx, keep[j], mx, _mm512_loadu_ps(sc + i));
+      }
+      const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
+      if (m_new == kNegInf) {  // nothing visible: probabilities read as zero
+        std::fill(sc, sc + num_records, 0.f);
         continue;
       }
-      __m512 mx = _mm512_set1_ps(kNegInf);
-      for (int t = 0; t < n; t += 16) {
-        const __mmask16 k = static_cast<__mmask16>(n - t >= 16 ? 0xFFFF : (1u << (n - t)) - 1);
-        mx = _mm512_mask_max_ps(mx, k, mx, _mm512_maskz_loadu_ps(k, sc + t));
-      }
-      const float m_new = std::max(s.m[r], _mm512_reduce_max_ps(mx));
-      const float alpha = std::exp(s.m[r] - m_new);  // exp(-inf) = 0 on the first page
-      __m512 sum = _mm512_setzero_ps();
+      const float alpha = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first page
       const __m512 mv = _mm512_set1_ps(m_new);
-      for (int t = 0; t < s.sc_stride; t += 16) {
-        const __mmask16 k =
-            static_cast<__mmask16>(t >= n ? 0 : (n - t >= 16 ? 0xFFFF : (1u << (n - t)) - 1));
-        const __m512 e = _mm512_maskz_mov_ps(k, exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + t), mv)));
-        _mm512_storeu_ps(sc + t, e);
+      __m512 sum = _mm512_setzero_ps();
+      for (int i = 0, j = 0; i < num_records; i += 16, ++j) {
+        const __m512 e = _mm512_maskz_mov_ps(keep[j], exp512(_mm512_sub_ps(_mm512_loadu_ps(sc + i), mv)));
+        _mm512_storeu_ps(sc + i, e);
         sum = _mm512_add_ps(sum, e);
       }
       if (alpha != 1.0f) {
         const __m512 av = _mm512_set1_ps(alpha);
-        float* a = s.acc + r * s.d;
-        for (int i = 0; i < s.d; i += 16) _mm512_storeu_ps(a + i, _mm512_mul_ps(av, _mm512_loadu_ps(a + i)));
+        float* a = R.acc + r * R.d;
+        for (int e = 0; e < R.d; e += 16) _mm512_storeu_ps(a + e, _mm512_mul_ps(av, _mm512_loadu_ps(a + e)));
       }
-      s.l[r] = s.l[r] * alpha + _mm512_reduce_add_ps(sum);
-      s.m[r] = m_new;
+      l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
+      m[r] = m_new;
     }
   }
 };
 #endif  // ADAKV_AVX512
 
-struct ScalarPath {
-  static void scores(int kind, const uint8_t* rec, int stride, const uint16_t* order, int n, int n_valid,
-                     const float* qsel, ItemState& s, const Layout& L) {
-    float k[256];
-    const int code = kind < 3 ? kind : kFp16Code;
-    for (int i = 0; i < n; ++i, rec += stride) {
-      const int t = order ? order[i] : i;
-      if (t >= n_valid) continue;
-      decode_record_scalar(rec, code, L, k);
-      for (int r = 0; r < s.rows; ++r) {
-        const float* q = qsel + r * s.d;
-        float dot = 0.f;
-        for (int e = 0; e < s.d; ++e) dot += q[e] * k[e];
-        s.sc[r * s.sc_stride + t] = dot;
-      }
-    }
-  }
-  static void values(int kind, const uint8_t* rec, int stride, const uint16_t* order, int n, ItemState& s,
-                     const Layout& L) {
-    float v[256];
-    const int code = kind < 3 ? kind : kFp16Code;
-    const int t_max = s.visible[s.rows - 1];
-    for (int i = 0; i < n; ++i, rec += stride) {
-      const int t = order ? order[i] : i;
-      if (t >= t_max) continue;
-      decode_record_scalar(rec, code, L, v);
-      for (int r = 0; r < s.rows; ++r) {
-        if (t >= s.visible[r]) continue;
-        const float p = s.sc[r * s.sc_stride + t];
-        float* a = s.acc + r * s.d;
-        for (int e = 0; e < s.d; ++e) a[e] += p * v[e];
-      }
-    }
-  }
-  static void softmax(ItemState& s) {
-    for (int r = 0; r < s.rows; ++r) {
-      const int n = s.visible[r];
-      float* sc = s.sc + r * s.sc_stride;
-      if (n <= 0) {
-        std::fill(sc, sc + s.sc_stride, 0.f);
-        continue;
-      }
-      float m_new = s.m[r];
-      for (int t = 0; t < n; ++t) m_new = std::max(m_new, sc[t]);
-      const float alpha = std::exp(s.m[r] - m_new);
-      float sum = 0.f;
-      for (int t = 0; t < s.sc_stride; ++t) {
-        sc[t] = t < n ? std::exp(sc[t] - m_new) : 0.f;
-        sum += sc[t];
-      }
-      if (alpha != 1.0f)
-        for (int e = 0; e < s.d; ++e) s.acc[r * s.d + e] *= alpha;
-      s.l[r] = s.l[r] * alpha + sum;
-      s.m[r] = m_new;
-    }
-  }
+// ================================ driver =========================================================
+enum Dtype : int64_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// The C entry's arguments; cpu.py mirrors this struct field by field (ctypes).
+struct Args {
+  int64_t layout[5 + 4 * kNumCodes];  // see cpu.py: layout_numbers
+  int64_t head_size, num_heads, num_kv_heads, num_tokens, num_seqs, num_blocks, num_slots;
+  const uint8_t* pages;
+  int64_t page_stride;
+  const uint8_t* staging_key;    // [num_slots, block_size, num_kv_heads, head_size] 16-bit
+  const uint8_t* staging_value;
+  const int64_t* staging_slot;   // [num_blocks]
+  const void* block_table;       // [>= num_seqs, block_table_stride]
+  int64_t block_table_i64, block_table_stride, block_table_width;
+  const void* seq_lens;          // [num_seqs]
+  const void* query_start_loc;   // [num_seqs + 1]
+  int64_t seq_lens_i64, query_start_loc_i64;
+  const void* query;             // [num_tokens, num_heads, head_size], strided, last dim contiguous
+  int64_t query_dtype, q_stride_t, q_stride_h;
+  const float* query_rot;        // [num_tokens, num_heads, head_size] contiguous, or null
+  void* out;                     // like query
+  int64_t out_dtype, out_stride_t, out_stride_h;
+  double scale;
+  int64_t pages_per_split, force_scalar, num_threads;
 };
 
-// ---- inputs, decoded once per call ---------------------------------------------------------
+enum Status : int { kOk = 0, kBadArgs = 1, kCorruptPage = 2 };
+
 struct Problem {
   Layout L;
   int num_heads, group;
@@ -391,10 +543,10 @@ struct Problem {
   const int64_t* staging_slot;
   int64_t num_blocks, num_slots;
   const void* block_table;
-  bool block_table_i32;
+  bool block_table_i64;
   int64_t block_table_stride;
   const void* query;
-  at::ScalarType query_dtype;
+  int64_t query_dtype;
   int64_t q_stride_t, q_stride_h;
   const float* query_rot;  // [T, num_heads, D] contiguous, or nullptr
   float scale;
@@ -402,139 +554,134 @@ struct Problem {
 
   int64_t block_of(int64_t seq, int64_t page) const {
     const int64_t i = seq * block_table_stride + page;
-    return block_table_i32 ? static_cast<const int32_t*>(block_table)[i]
-                           : static_cast<const int64_t*>(block_table)[i];
+    return block_table_i64 ? static_cast<const int64_t*>(block_table)[i]
+                           : static_cast<const int32_t*>(block_table)[i];
   }
 };
 
 struct Item {
   int64_t seq;
-  int head, page_begin, page_end;
+  int page_begin, page_end;
   int64_t partial;  // first row of this item in the partial buffer
 };
 
-inline float load_as_float(const void* base, at::ScalarType dt, int64_t i) {
+inline float load_as_float(const void* base, int64_t dt, int64_t i) {
   switch (dt) {
-    case at::kBFloat16: return static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]);
-    case at::kHalf: return static_cast<float>(static_cast<const c10::Half*>(base)[i]);
+    case kBF16: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+    case kF16: return half_to_float(static_cast<const uint16_t*>(base)[i]);
     default: return static_cast<const float*>(base)[i];
   }
 }
 
-// The 16-bit kind (3 = bf16, 4 = fp16) of the storage dtype, or the quantized code itself.
-inline int kind_of(int code, const Layout& L) {
-  return code < kFp16Code ? code : (L.storage_bf16 ? 3 : 4);
-}
-
-template <class Path>
-void run_item(const Problem& P, const Item& it, std::vector<float>& ws, float* partial, bool& corrupt) {
-  const Layout& L = P.L;
-  const int d = L.head_size, bs = L.block_size, group = P.group;
-  const int64_t seq_len = P.seq_lens[it.seq], q_len = P.q_len[it.seq], q0 = P.q_start[it.seq];
-  ItemState s;
-  s.rows = static_cast<int>(q_len) * group;
-  s.d = d;
-  s.sc_stride = (bs + 15) / 16 * 16;
-  const bool rotated = P.query_rot != nullptr;
-  const size_t need = static_cast<size_t>(s.rows) * (d * (rotated ? 3 : 2) + s.sc_stride + 3);
-  if (ws.size() < need) ws.resize(need);
-  float* w = ws.data();
-  s.q = w, w += s.rows * d;
-  s.qrot = rotated ? w : s.q, w += rotated ? s.rows * d : 0;
-  s.acc = w, w += s.rows * d;
-  s.sc = w, w += s.rows * s.sc_stride;
-  s.m = w, w += s.rows;
-  s.l = w, w += s.rows;
-  s.visible = reinterpret_cast<int*>(w);
-  std::vector<int64_t> qpos(s.rows);
-  for (int j = 0; j < q_len; ++j) {
-    for (int g = 0; g < group; ++g) {
-      const int r = j * group + g;
-      const int64_t head = static_cast<int64_t>(it.head) * group + g;
-      const int64_t qi = (q0 + j) * P.q_stride_t + head * P.q_stride_h;
-      for (int e = 0; e < d; ++e) s.q[r * d + e] = load_as_float(P.query, P.query_dtype, qi + e) * P.scale;
-      if (rotated) {
-        const float* qr = P.query_rot + ((q0 + j) * P.num_heads + head) * d;
-        for (int e = 0; e < d; ++e) s.qrot[r * d + e] = qr[e] * P.scale;
-      }
-      qpos[r] = seq_len - q_len + j;
-      s.m[r] = kNegInf;
-      s.l[r] = 0.f;
-    }
-  }
-  std::fill(s.acc, s.acc + static_cast<size_t>(s.rows) * d, 0.f);
-  std::fill(s.sc, s.sc + static_cast<size_t>(s.rows) * s.sc_stride, 0.f);
-
-  PageIndex ix;
-  const int64_t token_bytes = static_cast<int64_t>(L.num_kv_heads) * d * 2;  // one staged token, all heads
-  for (int page = it.page_begin; page < it.page_end; ++page) {
-    const int64_t base = static_cast<int64_t>(page) * bs;
-    const int n_valid = static_cast<int>(std::min<int64_t>(bs, seq_len - base));
-    for (int r = 0; r < s.rows; ++r)
-      s.visible[r] = static_cast<int>(std::clamp<int64_t>(qpos[r] - base + 1, 0, n_valid));
-    const int64_t block = P.block_of(it.seq, page);
-    if (block < 0 || block >= P.num_blocks) {
-      corrupt = true;
-      return;
-    }
-    const int64_t slot = P.staging_slot[block];
-    if (slot >= 0) {  // open block: exact 16-bit K/V in staging [slot, t, head, d]
-      if (slot >= P.num_slots) {
-        corrupt = true;
-        return;
-      }
-      const int64_t off = (slot * bs * L.num_kv_heads + it.head) * d * 2;
-      const int kind = kind_of(kFp16Code, L);
-      Path::scores(kind, P.staging_key + off, token_bytes, nullptr, n_valid, n_valid, s.q, s, L);
-      Path::softmax(s);
-      Path::values(kind, P.staging_value + off, token_bytes, nullptr, n_valid, s, L);
-      continue;
-    }
-    const uint8_t* pg = P.pages + block * L.page_stride;
-    if (!build_index(pg, L, ix)) {
-      corrupt = true;
-      return;
-    }
-    const int region = ix.part_bytes[0] + ix.part_bytes[1];
-    if (L.header_bytes + static_cast<int64_t>(L.num_kv_heads) * region > L.page_bytes) {
-      corrupt = true;
-      return;
-    }
-    const uint8_t* part[2] = {pg + L.header_bytes + static_cast<int64_t>(it.head) * region, nullptr};
-    part[1] = part[0] + ix.part_bytes[0];
-    for (int c = 0; c < kNumCodes; ++c) {
-      const int first = ix.first[0][c], n = ix.first[0][c + 1] - first;
-      if (n == 0) continue;
-      const float* qsel = c < kFp16Code ? s.qrot : s.q;
-      Path::scores(kind_of(c, L), part[0] + ix.byte_start[0][c], L.record_bytes[c], ix.order[0] + first, n,
-                   n_valid, qsel, s, L);
-    }
-    Path::softmax(s);
-    for (int c = 0; c < kNumCodes; ++c) {
-      const int first = ix.first[1][c], n = ix.first[1][c + 1] - first;
-      if (n == 0) continue;
-      Path::values(kind_of(c, L), part[1] + ix.byte_start[1][c], L.record_bytes[c], ix.order[1] + first, n, s,
-                   L);
-    }
-  }
-  const int width = d + 2;
-  for (int r = 0; r < s.rows; ++r) {
-    float* out = partial + (it.partial + r) * width;
-    out[0] = s.m[r];
-    out[1] = s.l[r];
-    std::memcpy(out + 2, s.acc + r * d, sizeof(float) * d);
-  }
-}
-
-inline void store_as(void* base, at::ScalarType dt, int64_t i, float x) {
+inline void store_as(void* base, int64_t dt, int64_t i, float x) {
   switch (dt) {
-    case at::kBFloat16: static_cast<c10::BFloat16*>(base)[i] = c10::BFloat16(x); break;
-    case at::kHalf: static_cast<c10::Half*>(base)[i] = c10::Half(x); break;
+    case kBF16: static_cast<uint16_t*>(base)[i] = float_to_bf16(x); break;
+    case kF16: static_cast<uint16_t*>(base)[i] = float_to_half(x); break;
     default: static_cast<float*>(base)[i] = x;
   }
 }
 
-using ItemFn = void (*)(const Problem&, const Item&, std::vector<float>&, float*, bool&);
+// Prefetch the bytes a sealed page really uses (its bit map says how many): pages are sized for the
+// budget, and whole-page prefetches would fetch the unused tail too.
+inline void prefetch_page(const uint8_t* page, const Layout& L) {
+  int64_t region = 0;
+  for (int t = 0; t < L.block_size; ++t)
+    region += L.record_bytes[page[t] & 3] + L.record_bytes[(page[t] >> 4) & 3];
+  const int64_t used = std::min<int64_t>(L.page_bytes, L.header_bytes + L.num_kv_heads * region);
+  for (int64_t o = 64; o < used; o += 64) __builtin_prefetch(page + o);
+}
+
+// Rows of an item are ordered (KV head, query token, head in group): head h's rows are contiguous.
+template <class Path>
+bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView& view, float* partial) {
+  const Layout& L = P.L;
+  const int d = L.head_size, bs = L.block_size, group = P.group, heads = L.num_kv_heads;
+  const int64_t seq_len = P.seq_lens[it.seq], q_len = P.q_len[it.seq], q0 = P.q_start[it.seq];
+  const int per_head = static_cast<int>(q_len) * group, rows = per_head * heads;
+  const int sc_stride = (bs + 31) / 16 * 16;  // >= bs + 16: room for 4-wide stores past the end
+  const bool rotated = P.query_rot != nullptr;
+  const size_t need = static_cast<size_t>(rows) * (d * (rotated ? 3 : 2) + sc_stride + 3);
+  if (ws.size() < need) ws.resize(need);
+  float* w = ws.data();
+  float* q = w;
+  w += rows * d;
+  float* qrot = rotated ? w : q;
+  w += rotated ? rows * d : 0;
+  float* acc = w;
+  w += rows * d;
+  float* sc = w;
+  w += rows * sc_stride;
+  float* m = w;
+  float* l = w + rows;
+  int* visible = reinterpret_cast<int*>(w + 2 * rows);
+  std::vector<int64_t> qpos(rows);
+  for (int h = 0; h < heads; ++h)
+    for (int j = 0; j < q_len; ++j)
+      for (int g = 0; g < group; ++g) {
+        const int r = h * per_head + j * group + g;
+        const int64_t head = static_cast<int64_t>(h) * group + g;
+        const int64_t qi = (q0 + j) * P.q_stride_t + head * P.q_stride_h;
+        for (int e = 0; e < d; ++e) q[r * d + e] = load_as_float(P.query, P.query_dtype, qi + e) * P.scale;
+        if (rotated) {
+          const float* qr = P.query_rot + ((q0 + j) * P.num_heads + head) * d;
+          for (int e = 0; e < d; ++e) qrot[r * d + e] = qr[e] * P.scale;
+        }
+        qpos[r] = seq_len - q_len + j;
+        m[r] = kNegInf;
+        l[r] = 0.f;
+      }
+  std::fill(acc, acc + static_cast<size_t>(rows) * d, 0.f);
+
+  for (int page = it.page_begin; page < it.page_end; ++page) {
+    const int64_t base = static_cast<int64_t>(page) * bs;
+    const int n_valid = static_cast<int>(std::min<int64_t>(bs, seq_len - base));
+    for (int r = 0; r < rows; ++r)
+      visible[r] = static_cast<int>(std::clamp<int64_t>(qpos[r] - base + 1, 0, n_valid));
+    const int64_t block = P.block_of(it.seq, page);
+    if (block < 0 || block >= P.num_blocks) return false;
+    // Pipeline: the bit map of page+2 is fetched now, so that page+1's body can be sized and
+    // fetched from it while this page computes.
+    if (page + 2 < it.page_end) {
+      const int64_t later = P.block_of(it.seq, page + 2);
+      if (later >= 0 && later < P.num_blocks) __builtin_prefetch(P.pages + later * L.page_stride);
+    }
+    if (page + 1 < it.page_end) {
+      const int64_t next = P.block_of(it.seq, page + 1);
+      if (next >= 0 && next < P.num_blocks && P.staging_slot[next] < 0)
+        prefetch_page(P.pages + next * L.page_stride, L);
+    }
+    const int64_t slot = P.staging_slot[block];
+    if (slot >= 0) {
+      if (slot >= P.num_slots) return false;
+      view_staged(P.staging_key, P.staging_value, slot, n_valid, L, view);
+    } else if (!view_page(P.pages + block * L.page_stride, L, view)) {
+      return false;
+    }
+    for (int h = 0; h < heads; ++h) {
+      const int r0 = h * per_head;
+      Rows R{per_head, d, sc_stride, q + r0 * d, qrot + r0 * d, sc + r0 * sc_stride, acc + r0 * d, visible + r0};
+      for (int i = 0; i < view.num_runs[0]; ++i) {
+        const Run& run = view.runs[0][i];
+        Path::scores(run, run.base + h * run.head_step, view.order[0] + run.first, R, L);
+      }
+      Path::softmax(R, view.order[0], view.num_records, m + r0, l + r0);
+      for (int i = 0; i < view.num_runs[1]; ++i) {
+        const Run& run = view.runs[1][i];
+        Path::values(run, run.base + h * run.head_step, view.order[1] + run.first, view.key_rank, R, L);
+      }
+    }
+  }
+  const int width = d + 2;
+  for (int r = 0; r < rows; ++r) {
+    float* out = partial + (it.partial + r) * width;
+    out[0] = m[r];
+    out[1] = l[r];
+    std::memcpy(out + 2, acc + r * d, sizeof(float) * d);
+  }
+  return true;
+}
+
+using ItemFn = bool (*)(const Problem&, const Item&, std::vector<float>&, PageView&, float*);
 
 ItemFn pick_path(int head_size, bool force_scalar) {
 #ifdef ADAKV_AVX512
@@ -549,189 +696,158 @@ ItemFn pick_path(int head_size, bool force_scalar) {
   return run_item<ScalarPath>;
 }
 
-std::vector<int64_t> to_i64(const at::Tensor& t) {
-  const at::Tensor c = t.to(at::kLong).contiguous();
-  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+std::vector<int64_t> read_index(const void* p, bool i64, int64_t n) {
+  std::vector<int64_t> v(n);
+  for (int64_t i = 0; i < n; ++i)
+    v[i] = i64 ? static_cast<const int64_t*>(p)[i] : static_cast<const int32_t*>(p)[i];
+  return v;
 }
 
-}  // namespace
-
-// query: [T, num_heads, D] bf16/fp16/fp32 (last dim contiguous); query_rot: [T, num_heads, D] fp32
-// contiguous or empty (keys not rotated); pages: [num_blocks, >= page_bytes] uint8 (row stride any);
-// staging_key/value: [num_slots, block_size, num_kv_heads, D] 16-bit contiguous; staging_slot:
-// [num_blocks] int64; block_table: [num_seqs(+), max_blocks] int32/int64; seq_lens: [num_seqs];
-// query_start_loc: [num_seqs + 1]; out: [T, num_heads, D] (last dim contiguous), written for the
-// tokens owned by a sequence. layout: block_size, group_size, header_bytes, page_bytes, storage_is_bf16,
-// then record_bytes[4], scales_offset[4], mins_offset[4], bits[4] (see cpu.py). pages_per_split:
-// 0 = choose. force_scalar: use the portable path even where AVX-512 is compiled in (tests).
-void paged_attention(const at::Tensor& query, const at::Tensor& query_rot, const at::Tensor& pages,
-                     const at::Tensor& staging_key, const at::Tensor& staging_value,
-                     const at::Tensor& staging_slot, const at::Tensor& block_table, const at::Tensor& seq_lens,
-                     const at::Tensor& query_start_loc, double scale, std::vector<int64_t> layout, at::Tensor out,
-                     int64_t pages_per_split, bool force_scalar) {
-  TORCH_CHECK(layout.size() == 5 + 4 * kNumCodes, "layout must hold 21 numbers");
-  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, "query must be [T, H, D] with contiguous D");
-  TORCH_CHECK(out.dim() == 3 && out.stride(2) == 1 && out.sizes() == query.sizes(), "bad out");
-  TORCH_CHECK(pages.dim() == 2 && pages.scalar_type() == at::kByte && pages.stride(1) == 1, "bad pages");
-  TORCH_CHECK(staging_key.dim() == 4 && staging_key.is_contiguous() && staging_value.is_contiguous() &&
-                  staging_key.sizes() == staging_value.sizes() && staging_key.element_size() == 2,
-              "bad staging");
-  TORCH_CHECK(staging_slot.scalar_type() == at::kLong && staging_slot.is_contiguous() &&
-                  staging_slot.numel() == pages.size(0),
-              "bad staging_slot");
-  TORCH_CHECK(block_table.dim() == 2 && block_table.stride(1) == 1 &&
-                  (block_table.scalar_type() == at::kInt || block_table.scalar_type() == at::kLong),
-              "bad block_table");
-
+int run(const Args& a) {
   Problem P;
   Layout& L = P.L;
-  L.block_size = static_cast<int>(layout[0]);
-  L.group_size = static_cast<int>(layout[1]);
-  L.header_bytes = static_cast<int>(layout[2]);
-  L.page_bytes = layout[3];
-  L.storage_bf16 = layout[4] != 0;
+  L.block_size = static_cast<int>(a.layout[0]);
+  L.group_size = static_cast<int>(a.layout[1]);
+  L.header_bytes = static_cast<int>(a.layout[2]);
+  L.page_bytes = a.layout[3];
+  L.storage_bf16 = a.layout[4] != 0;
   for (int c = 0; c < kNumCodes; ++c) {
-    L.record_bytes[c] = static_cast<int>(layout[5 + c]);
-    L.scales_offset[c] = static_cast<int>(layout[9 + c]);
-    L.mins_offset[c] = static_cast<int>(layout[13 + c]);
-    L.bits[c] = static_cast<int>(layout[17 + c]);
+    L.record_bytes[c] = static_cast<int>(a.layout[5 + c]);
+    L.scales_offset[c] = static_cast<int>(a.layout[9 + c]);
+    L.mins_offset[c] = static_cast<int>(a.layout[13 + c]);
+    L.bits[c] = static_cast<int>(a.layout[17 + c]);
   }
-  L.head_size = static_cast<int>(query.size(2));
+  L.head_size = static_cast<int>(a.head_size);
+  L.num_kv_heads = static_cast<int>(a.num_kv_heads);
+  L.page_stride = a.page_stride;
+  // cpu.py validates user input; these guard the kernel's own buffers.
+  if (L.block_size <= 0 || L.block_size > kMaxBlockSize || L.header_bytes < L.block_size ||
+      L.head_size % 16 != 0 || L.head_size > kMaxHeadSize || L.group_size < 16 ||
+      (L.group_size & (L.group_size - 1)) != 0 || L.head_size % L.group_size != 0 || L.num_kv_heads <= 0 ||
+      a.num_heads % a.num_kv_heads != 0)
+    return kBadArgs;
   L.num_groups = L.head_size / L.group_size;
-  L.num_kv_heads = static_cast<int>(staging_key.size(2));
-  L.page_stride = pages.stride(0);
-  TORCH_CHECK(pages.size(1) >= L.page_bytes, "pages narrower than page_bytes");
-  L.rotate_keys = query_rot.numel() > 0;
-  TORCH_CHECK(L.block_size > 0 && L.block_size <= kMaxBlockSize && staging_key.size(1) == L.block_size,
-              "block_size");
-  TORCH_CHECK(L.head_size % 16 == 0 && L.head_size <= 256 && staging_key.size(3) == L.head_size, "head_size");
-  TORCH_CHECK(L.group_size % 16 == 0 && L.head_size % L.group_size == 0, "group_size");
-  TORCH_CHECK(query.size(1) % L.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
-  if (L.rotate_keys)
-    TORCH_CHECK(query_rot.scalar_type() == at::kFloat && query_rot.is_contiguous() &&
-                    query_rot.sizes() == query.sizes(),
-                "bad query_rot");
+  L.chunk_shift = 0;
+  while ((16 << L.chunk_shift) < L.group_size) ++L.chunk_shift;
 
-  P.num_heads = static_cast<int>(query.size(1));
+  P.num_heads = static_cast<int>(a.num_heads);
   P.group = P.num_heads / L.num_kv_heads;
-  P.pages = pages.data_ptr<uint8_t>();
-  P.staging_key = static_cast<const uint8_t*>(staging_key.data_ptr());
-  P.staging_value = static_cast<const uint8_t*>(staging_value.data_ptr());
-  P.staging_slot = staging_slot.data_ptr<int64_t>();
-  P.num_blocks = pages.size(0);
-  P.num_slots = staging_key.size(0);
-  P.block_table = block_table.data_ptr();
-  P.block_table_i32 = block_table.scalar_type() == at::kInt;
-  P.block_table_stride = block_table.stride(0);
-  P.query = query.data_ptr();
-  P.query_dtype = query.scalar_type();
-  P.q_stride_t = query.stride(0);
-  P.q_stride_h = query.stride(1);
-  P.query_rot = L.rotate_keys ? query_rot.data_ptr<float>() : nullptr;
-  P.scale = static_cast<float>(scale);
-  P.seq_lens = to_i64(seq_lens);
-  const std::vector<int64_t> qsl = to_i64(query_start_loc);
-  const int64_t num_seqs = static_cast<int64_t>(P.seq_lens.size());
-  TORCH_CHECK(static_cast<int64_t>(qsl.size()) >= num_seqs + 1 && block_table.size(0) >= num_seqs,
-              "query_start_loc / block_table shorter than seq_lens");
+  P.pages = a.pages;
+  P.staging_key = a.staging_key;
+  P.staging_value = a.staging_value;
+  P.staging_slot = a.staging_slot;
+  P.num_blocks = a.num_blocks;
+  P.num_slots = a.num_slots;
+  P.block_table = a.block_table;
+  P.block_table_i64 = a.block_table_i64 != 0;
+  P.block_table_stride = a.block_table_stride;
+  P.query = a.query;
+  P.query_dtype = a.query_dtype;
+  P.q_stride_t = a.q_stride_t;
+  P.q_stride_h = a.q_stride_h;
+  P.query_rot = a.query_rot;
+  P.scale = static_cast<float>(a.scale);
+  const int64_t num_seqs = a.num_seqs;
+  P.seq_lens = read_index(a.seq_lens, a.seq_lens_i64 != 0, num_seqs);
+  const std::vector<int64_t> qsl = read_index(a.query_start_loc, a.query_start_loc_i64 != 0, num_seqs + 1);
   P.q_start.assign(qsl.begin(), qsl.begin() + num_seqs);
   P.q_len.resize(num_seqs);
 
-  // Split every (sequence, KV head) into items of about `pages_per_split` pages.
-  const int64_t num_threads = at::get_num_threads();
+  const int64_t num_threads = std::max<int64_t>(1, a.num_threads);
   const int bs = L.block_size;
   int64_t total_pages = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
     P.q_len[s] = qsl[s + 1] - qsl[s];
-    TORCH_CHECK(P.q_len[s] >= 0 && P.q_len[s] <= P.seq_lens[s] && qsl[s + 1] <= query.size(0),
-                "query_start_loc / seq_lens inconsistent");
-    TORCH_CHECK((P.seq_lens[s] + bs - 1) / bs <= block_table.size(1), "block_table too narrow");
+    if (P.q_len[s] < 0 || P.q_len[s] > P.seq_lens[s] || qsl[s] < 0 || qsl[s + 1] > a.num_tokens ||
+        (P.seq_lens[s] + bs - 1) / bs > a.block_table_width)
+      return kBadArgs;
     if (P.q_len[s] > 0) total_pages += (P.seq_lens[s] + bs - 1) / bs;
   }
+  int64_t pages_per_split = a.pages_per_split;
   if (pages_per_split <= 0) {
-    // Enough items for dynamic balancing (about 8 per thread), never below 8 pages per item.
-    const int64_t target = (total_pages * L.num_kv_heads + 8 * num_threads - 1) / (8 * num_threads);
+    // About 4 items per thread for dynamic balancing, never below 8 pages per item.
+    const int64_t target = (total_pages + 4 * num_threads - 1) / (4 * num_threads);
     pages_per_split = std::max<int64_t>(8, target);
   }
   std::vector<Item> items;
-  std::vector<int64_t> group_first;  // per (seq, head) with queries: first item index
+  std::vector<int64_t> seq_first;  // per sequence with queries: its first item
+  std::vector<int64_t> seq_of_group;
   int64_t rows_total = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
     if (P.q_len[s] == 0) continue;
     const int64_t num_pages = (P.seq_lens[s] + bs - 1) / bs;
-    const int rows = static_cast<int>(P.q_len[s]) * P.group;
-    for (int h = 0; h < L.num_kv_heads; ++h) {
-      group_first.push_back(static_cast<int64_t>(items.size()));
-      for (int64_t p0 = 0; p0 < num_pages; p0 += pages_per_split) {
-        items.push_back({s, h, static_cast<int>(p0), static_cast<int>(std::min(num_pages, p0 + pages_per_split)),
-                         rows_total});
-        rows_total += rows;
-      }
+    const int64_t rows = P.q_len[s] * P.num_heads;
+    seq_first.push_back(static_cast<int64_t>(items.size()));
+    seq_of_group.push_back(s);
+    for (int64_t p0 = 0; p0 < num_pages; p0 += pages_per_split) {
+      items.push_back(
+          {s, static_cast<int>(p0), static_cast<int>(std::min(num_pages, p0 + pages_per_split)), rows_total});
+      rows_total += rows;
     }
   }
-  group_first.push_back(static_cast<int64_t>(items.size()));
-  if (items.empty()) return;
+  seq_first.push_back(static_cast<int64_t>(items.size()));
+  if (items.empty()) return kOk;
 
   std::vector<float> partial(static_cast<size_t>(rows_total) * (L.head_size + 2));
-  const ItemFn fn = pick_path(L.head_size, force_scalar);
+  const ItemFn fn = pick_path(L.head_size, a.force_scalar != 0);
   std::atomic<int64_t> next{0};
   std::atomic<bool> corrupt{false};
   const int64_t num_items = static_cast<int64_t>(items.size());
-  at::parallel_for(0, std::min(num_threads, num_items), 1, [&](int64_t begin, int64_t end) {
+  const int team = static_cast<int>(std::min(num_threads, num_items));
+#pragma omp parallel num_threads(team)
+  {
     std::vector<float> ws;
-    for (int64_t worker = begin; worker < end; ++worker) {
-      for (int64_t i = next++; i < num_items; i = next++) {
-        bool bad = false;
-        fn(P, items[i], ws, partial.data(), bad);
-        if (bad) corrupt = true;
-      }
-    }
-  });
-  TORCH_CHECK(!corrupt, "AdaKV fused attention: a page's bit map or block id is out of range");
+    std::unique_ptr<PageView> view(new PageView);
+    for (int64_t i = next++; i < num_items; i = next++)
+      if (!fn(P, items[i], ws, *view, partial.data())) corrupt = true;
+  }
+  if (corrupt) return kCorruptPage;
 
-  // Merge the splits of every (sequence, KV head) and write `out` in its dtype.
-  const int64_t num_groups = static_cast<int64_t>(group_first.size()) - 1;
+  // Merge the splits of every sequence and write `out` in its dtype. Rows: (KV head, token, group).
   const int d = L.head_size, width = d + 2;
-  void* out_base = out.data_ptr();
-  const at::ScalarType out_dtype = out.scalar_type();
-  at::parallel_for(0, num_groups, 1, [&](int64_t begin, int64_t end) {
+  const int64_t num_groups = static_cast<int64_t>(seq_of_group.size());
+#pragma omp parallel for num_threads(static_cast<int>(std::min(num_threads, num_groups))) schedule(static)
+  for (int64_t gi = 0; gi < num_groups; ++gi) {
     std::vector<float> row(d);
-    for (int64_t gi = begin; gi < end; ++gi) {
-      const Item& first = items[group_first[gi]];
-      const int64_t n_split = group_first[gi + 1] - group_first[gi];
-      const int rows = static_cast<int>(P.q_len[first.seq]) * P.group;
-      for (int r = 0; r < rows; ++r) {
-        float m = kNegInf;
-        for (int64_t k = 0; k < n_split; ++k)
-          m = std::max(m, partial[(items[group_first[gi] + k].partial + r) * width]);
-        float l = 0.f;
-        std::fill(row.begin(), row.end(), 0.f);
-        for (int64_t k = 0; k < n_split; ++k) {
-          const float* src = partial.data() + (items[group_first[gi] + k].partial + r) * width;
-          if (src[0] == kNegInf) continue;
-          const float w = std::exp(src[0] - m);
-          l += src[1] * w;
-          for (int e = 0; e < d; ++e) row[e] += src[2 + e] * w;
-        }
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const int j = r / P.group, g = r % P.group;
-        const int64_t o = (P.q_start[first.seq] + j) * out.stride(0) +
-                          (static_cast<int64_t>(first.head) * P.group + g) * out.stride(1);
-        for (int e = 0; e < d; ++e) store_as(out_base, out_dtype, o + e, row[e] * inv);
+    const int64_t s = seq_of_group[gi], first = seq_first[gi], n_split = seq_first[gi + 1] - first;
+    const int per_head = static_cast<int>(P.q_len[s]) * P.group;
+    const int rows = per_head * L.num_kv_heads;
+    for (int r = 0; r < rows; ++r) {
+      float mx = kNegInf;
+      for (int64_t k = 0; k < n_split; ++k) mx = std::max(mx, partial[(items[first + k].partial + r) * width]);
+      float l = 0.f;
+      std::fill(row.begin(), row.end(), 0.f);
+      for (int64_t k = 0; k < n_split; ++k) {
+        const float* src = partial.data() + (items[first + k].partial + r) * width;
+        if (src[0] == kNegInf) continue;
+        const float w = std::exp(src[0] - mx);
+        l += src[1] * w;
+        for (int e = 0; e < d; ++e) row[e] += src[2 + e] * w;
       }
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int h = r / per_head, j = (r % per_head) / P.group, g = r % P.group;
+      const int64_t o = (P.q_start[s] + j) * a.out_stride_t + (static_cast<int64_t>(h) * P.group + g) * a.out_stride_h;
+      for (int e = 0; e < d; ++e) store_as(a.out, a.out_dtype, o + e, row[e] * inv);
     }
-  });
+  }
+  return kOk;
 }
 
-bool has_avx512() {
+}  // namespace
+
+extern "C" {
+
+// 0 = ok, 1 = inconsistent arguments, 2 = a bit map / block id / staging slot out of range.
+int adakv_paged_attention(const Args* args) { return run(*args); }
+
+int adakv_has_avx512() {
 #ifdef ADAKV_AVX512
-  return true;
+  return 1;
 #else
-  return false;
+  return 0;
 #endif
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "AdaKV fused paged attention over packed pages (CPU)");
-  m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled in");
-}
+int64_t adakv_args_size() { return static_cast<int64_t>(sizeof(Args)); }
+
+}  // extern "C"
