@@ -231,6 +231,11 @@ def layout_numbers(layout: fmt.PageLayout, storage_dtype: torch.dtype) -> tuple[
     )
 
 
+@functools.cache
+def _layout_array(layout: fmt.PageLayout, storage_dtype: torch.dtype):
+    return (ctypes.c_int64 * 21)(*layout_numbers(layout, storage_dtype))
+
+
 def paged_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_size] bf16/fp16/fp32, last dim contiguous
     pages: torch.Tensor,  # [num_blocks, >= page_bytes] uint8 (one layer), rows may be strided
@@ -302,7 +307,7 @@ def paged_attention(
     query_rot = rotate(query) if rotate_keys else None  # [num_tokens, num_heads, head_size] fp32
     kernel = module if module is not None else build()
     args = _Args(
-        (ctypes.c_int64 * 21)(*layout_numbers(layout, staging_key.dtype)),
+        _layout_array(layout, staging_key.dtype),
         head_size,
         num_heads,
         layout.num_kv_heads,

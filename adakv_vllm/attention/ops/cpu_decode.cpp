@@ -317,16 +317,12 @@ ADAKV_INLINE void decode_record(const uint8_t* rec, const Layout& L, int nc, __m
     }
     // x = code * scale + min, per group of group_size elements (>= 16, so whole chunks). The fp16
     // scales and mins are converted together, then broadcast from memory (cheap loads).
-    alignas(64) float params[2 * kMaxChunks];
-    const int groups = L.num_groups;
-    const uint8_t* sp = rec + L.scales_offset[KIND];
-    const uint8_t* mp = rec + L.mins_offset[KIND];
-    const __mmask16 gmask = static_cast<__mmask16>((1u << groups) - 1);
-    _mm512_store_ps(params, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, sp)));
-    _mm512_store_ps(params + kMaxChunks, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, mp)));
+    const __mmask16 gmask = static_cast<__mmask16>((1u << L.num_groups) - 1);
+    const __m512 scales = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, rec + L.scales_offset[KIND]));
+    const __m512 mins = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, rec + L.mins_offset[KIND]));
     for (int c = 0; c < n; ++c) {
-      const int g = c >> L.chunk_shift;
-      out[c] = _mm512_fmadd_ps(out[c], _mm512_set1_ps(params[g]), _mm512_set1_ps(params[kMaxChunks + g]));
+      const __m512i g = _mm512_set1_epi32(c >> L.chunk_shift);
+      out[c] = _mm512_fmadd_ps(out[c], _mm512_permutexvar_ps(g, scales), _mm512_permutexvar_ps(g, mins));
     }
   }
 }
@@ -565,11 +561,17 @@ struct Item {
   int64_t partial;  // first row of this item in the partial buffer
 };
 
-inline float load_as_float(const void* base, int64_t dt, int64_t i) {
-  switch (dt) {
-    case kBF16: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-    case kF16: return half_to_float(static_cast<const uint16_t*>(base)[i]);
-    default: return static_cast<const float*>(base)[i];
+// out[e] = x[i + e] * scale for e < n, x in dtype dt.
+inline void load_scaled(const void* base, int64_t dt, int64_t i, int n, float scale, float* out) {
+  if (dt == kBF16) {
+    const uint16_t* x = static_cast<const uint16_t*>(base) + i;
+    for (int e = 0; e < n; ++e) out[e] = bf16_to_float(x[e]) * scale;
+  } else if (dt == kF16) {
+    const uint16_t* x = static_cast<const uint16_t*>(base) + i;
+    for (int e = 0; e < n; ++e) out[e] = half_to_float(x[e]) * scale;
+  } else {
+    const float* x = static_cast<const float*>(base) + i;
+    for (int e = 0; e < n; ++e) out[e] = x[e] * scale;
   }
 }
 
@@ -600,7 +602,7 @@ bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView
   const int per_head = static_cast<int>(q_len) * group, rows = per_head * heads;
   const int sc_stride = (bs + 31) / 16 * 16;  // >= bs + 16: room for 4-wide stores past the end
   const bool rotated = P.query_rot != nullptr;
-  const size_t need = static_cast<size_t>(rows) * (d * (rotated ? 3 : 2) + sc_stride + 3);
+  const size_t need = static_cast<size_t>(rows) * (d * (rotated ? 3 : 2) + sc_stride + 5);
   if (ws.size() < need) ws.resize(need);
   float* w = ws.data();
   float* q = w;
@@ -614,19 +616,15 @@ bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView
   float* m = w;
   float* l = w + rows;
   int* visible = reinterpret_cast<int*>(w + 2 * rows);
-  std::vector<int64_t> qpos(rows);
+  int* qpos = visible + rows;  // query positions
   for (int h = 0; h < heads; ++h)
     for (int j = 0; j < q_len; ++j)
       for (int g = 0; g < group; ++g) {
         const int r = h * per_head + j * group + g;
         const int64_t head = static_cast<int64_t>(h) * group + g;
-        const int64_t qi = (q0 + j) * P.q_stride_t + head * P.q_stride_h;
-        for (int e = 0; e < d; ++e) q[r * d + e] = load_as_float(P.query, P.query_dtype, qi + e) * P.scale;
-        if (rotated) {
-          const float* qr = P.query_rot + ((q0 + j) * P.num_heads + head) * d;
-          for (int e = 0; e < d; ++e) qrot[r * d + e] = qr[e] * P.scale;
-        }
-        qpos[r] = seq_len - q_len + j;
+        load_scaled(P.query, P.query_dtype, (q0 + j) * P.q_stride_t + head * P.q_stride_h, d, P.scale, q + r * d);
+        if (rotated) load_scaled(P.query_rot, kF32, ((q0 + j) * P.num_heads + head) * d, d, P.scale, qrot + r * d);
+        qpos[r] = static_cast<int>(seq_len - q_len + j);
         m[r] = kNegInf;
         l[r] = 0.f;
       }
