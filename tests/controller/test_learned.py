@@ -30,7 +30,7 @@ def _block(n=32, start=0, seed=0, sampled=True):
     if sampled:
         s[::2] = torch.tensor([2.0, 0.3])
     ids = torch.randint(0, VOCAB, (n,), generator=gen)
-    prior = torch.randint(0, 3, (n,), generator=gen)
+    prior = torch.minimum(torch.randint(0, 3, (n,), generator=gen), torch.arange(start, start + n))
     return BlockTokens(
         token_ids=ids,
         positions=torch.arange(start, start + n),
