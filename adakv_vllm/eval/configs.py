@@ -37,6 +37,10 @@ CONFIGS: dict[str, EvalConfig] = {
         _adakv("rule4", "rule", 4),
         _adakv("learned3", "learned", 3),
         _adakv("learned4", "learned", 4),
+        # prompt tokens also get the entropy / confidence features (logits at every prompt position)
+        EvalConfig(
+            "learned3p", {"target_bits": 3, "policy": "learned", "prompt_features": True}, nominal_bits=3
+        ),
     ]
 }
 DEFAULT_CONFIGS = tuple(CONFIGS)
