@@ -37,7 +37,7 @@ class FitSettings:
     alpha: float = 1.0
     beta: float = 0.05
     gamma: float = 1.0
-    label_bits: float = 4.0
+    label_bits: float = 3.0
     missing_dist_fraction: float = 0.5  # prompt tokens have no sampling distribution at serve time
     seed: int = 0
 

@@ -36,8 +36,8 @@ BLOCK_SIZE = 32  # the plugin's default block size: bounds the block-local atten
 @dataclasses.dataclass(frozen=True)
 class LabelSettings:
     window: int = 256  # positions 0 .. window-1 can be labelled; window + horizon tokens are read
-    horizon: int = 48  # predictions summed into a label
-    position_stride: int = 2  # label every stride-th position (all of the first `dense_head`)
+    horizon: int = 32  # predictions summed into a label
+    position_stride: int = 8  # label every stride-th position (all of the first `dense_head`)
     dense_head: int = 16
     group_size: int = 32
     rotate_keys: bool = True

@@ -1,6 +1,6 @@
 """`adakv train-controller`: label WikiText-2 tokens, fit the MLP, write weights + model card.
 
-    adakv train-controller --out adakv_vllm/controller/weights      # what shipped weights come from
+    adakv train-controller --ablation --out adakv_vllm/controller/weights   # the shipped weights (~45 min)
     adakv train-controller --windows 8 --window 64 --epochs 50     # a small run
 
 Stages, each resumable: (1) sensitivity labels in shards of windows under --work (a finished shard
@@ -56,11 +56,18 @@ def parse_args(argv):
     ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
     ap.add_argument("--out", type=Path, default=Path("controller-out"), help="weights + card go here")
     ap.add_argument("--work", type=Path, default=None, help="label shards (default: OUT/labels)")
-    ap.add_argument("--windows", type=int, default=64, help="training text windows (20%% held out)")
-    ap.add_argument("--shard", type=int, default=16, help="windows labelled per batch / shard file")
-    ap.add_argument("--window", type=int, default=256, help="labelled positions per window")
-    ap.add_argument("--horizon", type=int, default=48, help="predictions summed into a label")
-    ap.add_argument("--position-stride", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=32, help="training text windows (20%% held out)")
+    ap.add_argument("--shard", type=int, default=32, help="windows labelled per batch / shard file")
+    ap.add_argument("--window", type=int, default=LabelSettings.window, help="labelled positions per window")
+    ap.add_argument(
+        "--horizon", type=int, default=LabelSettings.horizon, help="predictions summed into a label"
+    )
+    ap.add_argument(
+        "--position-stride",
+        type=int,
+        default=LabelSettings.position_stride,
+        help="label every n-th position (and all of the first 16)",
+    )
     ap.add_argument("--epochs", type=int, default=FitSettings().epochs)
     ap.add_argument("--label-bits", type=float, default=FitSettings().label_bits)
     ap.add_argument("--seed", type=int, default=0)
