@@ -32,7 +32,7 @@ def run(spec: dict, mode: str) -> tuple[dict, str]:
     )
     for line in proc.stdout.splitlines():
         if line.startswith("PROBE-RESULT "):
-            return json.loads(line[len("PROBE-RESULT ") :]), proc.stderr
+            return json.loads(line[len("PROBE-RESULT ") :]), proc.stdout + proc.stderr  # vLLM logs to stdout
     raise AssertionError(f"probe failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
 
 

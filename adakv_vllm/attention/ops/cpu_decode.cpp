@@ -27,9 +27,10 @@
 //
 // Threads: an OpenMP parallel region of the caller's torch.get_num_threads() threads -- what
 // at::parallel_for expands to under torch's OpenMP backend. The library links libgomp.so.1, which
-// the loader resolves by SONAME to the copy torch has already loaded, so the region runs on torch's
-// own thread team (the one vLLM's CPU worker binds to its cores). Items are handed out through an
-// atomic counter because their costs differ.
+// the loader resolves by SONAME to the copy torch has already loaded; libgomp keeps one pool of
+// worker threads per calling thread, so the region reuses the very threads torch's own regions use
+// (those vLLM's CPU worker pinned to its cores), not a second runtime. Items are handed out through
+// an atomic counter because their costs differ.
 //
 // The file includes no torch header (they dominate build time); cpu.py validates the tensors and
 // passes raw pointers through `adakv_paged_attention(const Args*)`.
