@@ -28,6 +28,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -189,6 +190,7 @@ def run_config(config: EvalConfig, settings: dict, label: str, args: argparse.Na
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the child itself: its RSS is ours
             "VLLM_CPU_KVCACHE_SPACE": str(settings["kv_space_gib"]),
         }
+        digest_before = package_digest()
         load_before = os.getloadavg()
         started = time.perf_counter()
         proc = subprocess.Popen(
@@ -227,6 +229,8 @@ def run_config(config: EvalConfig, settings: dict, label: str, args: argparse.Na
             "wall_seconds": time.perf_counter() - started,
             "loadavg_before": load_before,  # other work on the machine skews the timings
             "loadavg_after": os.getloadavg(),
+            # sha256 of the package sources before / after: other work may edit the tree mid-run
+            "package_digest": [digest_before, package_digest()],
             "result": json.loads(out.read_text()) if out.is_file() else None,
             "error": None,
         }
@@ -320,6 +324,24 @@ def table(runs: dict[str, dict], rat: dict[str, dict], settings: dict) -> str:
                 x = (dr.get(str(c)) or {}).get(str(b))
                 cells.append("-" if ms is None else f"{ms:.1f}" + ("" if x is None else f" ({x:.2f}x)"))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "Decode CPU ms per step (process CPU time; robust to other work on the machine) / median wall ms",
+            "",
+            "| config | " + " | ".join(f"b{b} @ {c}" for b, c in points) + " |",
+            "|---|" + "---:|" * len(points),
+        ]
+        for name, run in runs.items():
+            decode = (run["result"] or {}).get("decode") or {}
+            cells = []
+            for b, c in points:
+                fig = (decode.get(str(c)) or {}).get(str(b))
+                cells.append(
+                    "-"
+                    if fig is None
+                    else f"{fig['step_cpu_ms_mean']:.1f} / {fig['step_wall_ms_median']:.1f}"
+                )
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -361,6 +383,15 @@ def plot(runs: dict[str, dict], path: Path) -> None:
 
 
 # ---- provenance ------------------------------------------------------------------------------------
+def package_digest() -> str:
+    """sha256 over the plugin's source files, as the engine processes will import them."""
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "adakv_vllm").rglob("*")):
+        if path.suffix in (".py", ".cpp", ".c", ".h") and path.is_file():
+            h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _version(*names: str) -> str | None:
     for name in names:
         try:
@@ -417,11 +448,18 @@ def main(argv: list[str] | None = None) -> int:
         runs[config.name] = run_config(config, settings, label, args)
     rat = ratios(runs)
     print(table(runs, rat, settings))
+    digests = {d for run in runs.values() for d in run["package_digest"]}
+    if len(digests) > 1:
+        print(
+            "WARNING: the adakv_vllm sources changed during the run; configs ran different code",
+            file=sys.stderr,
+        )
     report = {
         "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
         "seconds": time.time() - started,
         "settings": settings,
         **environment(),
+        "package_changed_during_run": len(digests) > 1,
         "runs": runs,
         "ratios": rat,
     }

@@ -11,7 +11,8 @@ Decode ms/token excludes prefill: the context prompts are prefilled once (max_to
 blocks stay in the prefix cache), then each batch re-runs them; the re-run's first step only
 recomputes the last block of every prompt, so all requests of a batch get their first token in the
 same step, and vLLM's per-request timestamps give (last_token_ts - first_token_ts) / (tokens - 1)
-= the time of one decode step at that batch size and context.
+= the time of one decode step at that batch size and context. Beside it, a clock on the engine's
+steps gives the median wall time and the mean process-CPU time of those decode steps.
 """
 
 from __future__ import annotations
@@ -33,6 +34,33 @@ def random_prompts(vocab: np.ndarray, seed: int, stream: int, length: int, count
     rng = np.random.default_rng([seed, stream, length])
     ids = vocab[rng.integers(0, len(vocab), size=(count, length))]  # [count, length]
     return [{"prompt_token_ids": row.tolist()} for row in ids]
+
+
+class StepClock:
+    """Wall and process-CPU time of every engine step that produced tokens (the engine runs in this
+    process; the hook is the output processor, which sees each step's new tokens). CPU time per
+    decode step is robust to other work sharing the machine: waiting for a core costs no CPU time."""
+
+    def __init__(self, engine):
+        self.marks: list[tuple[float, float]] = []  # (perf_counter, process_time) per step with tokens
+        process = engine.output_processor.process_outputs
+
+        def timed_process(engine_core_outputs, *args, **kwargs):
+            if any(o.new_token_ids for o in engine_core_outputs):
+                self.marks.append((time.perf_counter(), time.process_time()))
+            return process(engine_core_outputs, *args, **kwargs)
+
+        engine.output_processor.process_outputs = timed_process
+
+    def decode_steps(self) -> dict:
+        """Figures of the steps after the first productive one (the first token) since the last reset."""
+        wall = np.diff([m[0] for m in self.marks]) * 1e3
+        cpu = np.diff([m[1] for m in self.marks]) * 1e3
+        return {
+            "steps": len(wall),
+            "step_wall_ms_median": float(np.median(wall)),
+            "step_cpu_ms_mean": float(cpu.mean()),
+        }
 
 
 def progress(name: str, message: str) -> None:
@@ -59,7 +87,9 @@ def measure_throughput(llm, vocab, spec: dict) -> dict:
     }
 
 
-def measure_decode(llm, vocab, spec: dict, context: int, batch_sizes: list[int]) -> dict[str, dict]:
+def measure_decode(
+    llm, clock: StepClock, vocab, spec: dict, context: int, batch_sizes: list[int]
+) -> dict[str, dict]:
     """-> {str(batch): figures} for one context length."""
     from vllm import SamplingParams
 
@@ -72,6 +102,7 @@ def measure_decode(llm, vocab, spec: dict, context: int, batch_sizes: list[int])
     out = {}
     for batch in sorted(batch_sizes, reverse=True):
         progress(spec["name"], f"decode context {context} batch {batch}")
+        clock.marks.clear()
         outputs = llm.generate(prompts[:batch], params, use_tqdm=False)
         per_request, firsts = [], []
         for o in outputs:
@@ -88,6 +119,7 @@ def measure_decode(llm, vocab, spec: dict, context: int, batch_sizes: list[int])
             "first_token_spread_ms": 1e3 * (max(firsts) - min(firsts)),  # ~0: every request decoded
             "cached_prompt_tokens": float(np.mean([o.num_cached_tokens or 0 for o in outputs])),
             "prefill_seconds_all_prompts": prefill_s,
+            **clock.decode_steps(),
         }
     return out
 
@@ -120,6 +152,7 @@ def run(spec: dict) -> None:
     result["phases_done"].append("startup")
     save()
 
+    clock = StepClock(llm.llm_engine)
     tokenizer = llm.get_tokenizer()
     special = set(tokenizer.all_special_ids)
     vocab = np.array([i for i in range(llm.llm_engine.model_config.get_vocab_size()) if i not in special])
@@ -139,7 +172,7 @@ def run(spec: dict) -> None:
             batches = [b for b in spec["decode"]["batch_sizes"] if (b, context) not in skip]
             if batches:
                 progress(name, f"decode context {context}: prefill {max(batches)} prompts")
-                result["decode"][str(context)] = measure_decode(llm, vocab, spec, context, batches)
+                result["decode"][str(context)] = measure_decode(llm, clock, vocab, spec, context, batches)
             result["phases_done"].append(f"decode {context}")
             save()
     result["seconds"] = time.perf_counter() - started

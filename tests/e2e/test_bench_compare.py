@@ -55,6 +55,8 @@ def test_compare_measures_every_config(compare_run):
             assert fig["ms_per_token"] > 0 and len(fig["per_request_ms"]) == batch
             # the batch decoded together: every request got its first token in the same step
             assert fig["first_token_spread_ms"] == 0.0 and fig["cached_prompt_tokens"] >= CONTEXT - 32
+            # one engine step per generated token after the first; CPU time per step is measured
+            assert fig["steps"] == 8 - 1 and fig["step_cpu_ms_mean"] > 0 and fig["step_wall_ms_median"] > 0
     ratios = report["ratios"]
     assert ratios["bf16"]["kv_capacity"] == 1.0 and ratios["adakv4"]["kv_capacity"] >= 3
     assert ratios["adakv4"]["decode_ms_per_token"][str(CONTEXT)]["1"] > 0
