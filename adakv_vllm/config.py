@@ -19,15 +19,16 @@ from adakv_vllm.quant.precision import ALL_BITS
 
 PLUGIN_NAME = "adakv"
 PLUGIN_KEY = "kv_cache_plugin"
-POLICIES = ("static", "random", "rule", "learned")
+POLICIES = ("auto", "static", "random", "rule", "learned")
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaKVConfig:
     # Average bits per cached element that each page's byte budget grants (2..16; fractions allowed).
     target_bits: float = 4.0
-    # Which tokens get which bits inside the budget: static | random | rule | learned.
-    policy: str = "rule"
+    # Which tokens get which bits inside the budget: static | random | rule | learned, or auto =
+    # learned when the shipped controller fits the model (SmolLM2-135M's vocabulary), else rule.
+    policy: str = "auto"
     # Channels per quantization group (one fp16 scale + min each).
     group_size: int = 32
     # Hadamard-rotate keys before quantizing (examples/quant_error.py: -25% key error at 2 bits).

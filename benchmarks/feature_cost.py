@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/feature_cost.py [--repeats 20]
 
 Worker side, every step: the store's quantization-error feature (2/4/8-bit errors of each written
-token in each of the 30 layers) -- the staging writes of a step with and without computing it. Scheduler side, once
-per sealing block: BlockTokens -> features -> MLP -> planner, for each policy.
+token in each of the 30 layers) -- the staging writes of a step with and without computing it.
+Scheduler side, once per sealing block: BlockTokens -> features -> MLP -> planner, for each policy.
 Prints milliseconds per call; figures are for this machine, compare them with a decode step's time.
 """
 

@@ -9,7 +9,7 @@ from adakv_vllm.config import AdaKVConfig, requested_options
 
 def test_defaults_valid():
     cfg = AdaKVConfig()
-    assert cfg.target_bits == 4 and cfg.policy == "rule"
+    assert cfg.target_bits == 4 and cfg.policy == "auto"
 
 
 @pytest.mark.parametrize(

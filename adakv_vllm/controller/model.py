@@ -67,6 +67,17 @@ def save(model: ControllerMLP, path: Path, metadata: dict[str, str]) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a weights file, without loading tensors. ValueError if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # missing, truncated or foreign files raise several types
+        raise ValueError(f"controller weights {path}: not a readable safetensors file ({e})") from e
+
+
 def load(path: str | Path, expect: dict[str, str] | None = None) -> tuple[ControllerMLP, dict[str, str]]:
     """Load and validate a controller. `expect`: metadata values that must match (e.g. group_size)."""
     from safetensors import safe_open

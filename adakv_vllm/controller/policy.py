@@ -139,6 +139,20 @@ class LearnedPolicy(Policy):
 POLICIES = {cls.name: cls for cls in (StaticPolicy, RandomPolicy, RulePolicy, LearnedPolicy)}
 
 
+def resolve(name: str, vocab_size: int | None, weights: str | None) -> str:
+    """`auto` -> `learned` when the controller weights fit this vocabulary (the shipped ones fit
+    SmolLM2-135M), else `rule`, the best policy without a trained controller. Other names pass."""
+    if name != "auto":
+        return name
+    from adakv_vllm.controller import model as controller_model
+
+    try:
+        metadata = controller_model.read_metadata(weights or SHIPPED_WEIGHTS)
+    except ValueError:
+        return "rule"
+    return "learned" if metadata.get("vocab_size") == str(vocab_size) else "rule"
+
+
 def make_policy(name: str, target_bits: float, seed: int = 0, sink_tokens: int = 0, **learned) -> Policy:
     """learned: vocab_size, weights (path or None = shipped), expect (metadata that must match);
     only the learned policy takes them."""

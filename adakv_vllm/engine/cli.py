@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help=f"hub id or folder (default: embedded {DEFAULT_MODEL})")
     demo.add_argument("--max-tokens", type=int, default=32)
     demo.add_argument("--target-bits", type=float, default=4.0, help="average bits per cached element")
-    demo.add_argument("--policy", default="rule", help="static | random | rule | learned")
+    demo.add_argument("--policy", default="auto", help="auto | static | random | rule | learned")
     demo.add_argument("--max-model-len", type=int, default=2048)
     demo.add_argument(
         "--gpu-memory-utilization",

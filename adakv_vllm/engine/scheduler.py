@@ -30,7 +30,7 @@ from adakv_vllm.attention import runtime
 from adakv_vllm.blocks import planner
 from adakv_vllm.blocks import spec as spec_glue
 from adakv_vllm.config import from_vllm_config
-from adakv_vllm.controller.policy import BlockTokens, controller_expectations, make_policy
+from adakv_vllm.controller.policy import BlockTokens, controller_expectations, make_policy, resolve
 from adakv_vllm.quant.precision import PRECISIONS
 
 logger = logging.getLogger("vllm.adakv")
@@ -48,15 +48,17 @@ class AdaKVScheduler(Scheduler):
         group = self.kv_cache_config.kv_cache_groups[0]
         self.layout = spec_glue.layout_of_spec(group.kv_cache_spec)
         self.num_layers = len(group.layer_names)
+        vocab_size = self.vllm_config.model_config.get_vocab_size()
+        self.policy_name = resolve(self.adakv.policy, vocab_size, self.adakv.controller_weights)
         learned = {}
-        if self.adakv.policy == "learned":
+        if self.policy_name == "learned":
             learned = dict(
-                vocab_size=self.vllm_config.model_config.get_vocab_size(),
+                vocab_size=vocab_size,
                 weights=self.adakv.controller_weights,
                 expect=controller_expectations(self.adakv.group_size, self.adakv.rotate_keys),
             )
         self.policy = make_policy(
-            self.adakv.policy, self.adakv.target_bits, self.adakv.seed, self.adakv.sink_tokens, **learned
+            self.policy_name, self.adakv.target_bits, self.adakv.seed, self.adakv.sink_tokens, **learned
         )
         heads = self.layout.num_kv_heads
         # bytes one token costs in a page at each precision (K and V records of every head)
@@ -91,9 +93,10 @@ class AdaKVScheduler(Scheduler):
     def _log_startup(self) -> None:
         cap = self.capacity_report()
         logger.info(
-            "AdaKV active: %s; page %d bytes (block_size %d, %d KV heads, head_size %d); "
-            "KV capacity %d tokens vs %d at bf16 in the same %.1f MiB (%.2fx)",
+            "AdaKV active: %s (policy in use: %s); page %d bytes (block_size %d, %d KV heads, "
+            "head_size %d); KV capacity %d tokens vs %d at bf16 in the same %.1f MiB (%.2fx)",
             self.adakv.describe(),
+            self.policy_name,
             self.layout.page_bytes,
             self.layout.block_size,
             self.layout.num_kv_heads,

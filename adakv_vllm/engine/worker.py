@@ -30,7 +30,7 @@ from adakv_vllm.config import from_vllm_config
 
 logger = logging.getLogger("vllm.adakv.worker")
 
-QERR_POLICIES = ("rule", "learned")  # the policies that read each token's quantization error
+QERR_POLICIES = ("auto", "rule", "learned")  # policies that read each token's quantization error
 
 
 def staging_slots(vllm_config, block_size: int) -> int:

@@ -171,3 +171,12 @@ def test_learned_policy_rejects_a_quantizer_it_was_not_trained_for():
 def test_learned_policy_rejects_another_models_vocab():
     with pytest.raises(ValueError, match="vocab"):
         make_policy("learned", 3, vocab_size=32000, expect=controller_expectations(32, True))
+
+
+def test_auto_policy_is_learned_for_the_shipped_model_and_rule_elsewhere(tmp_path):
+    from adakv_vllm.controller.policy import resolve
+
+    assert resolve("auto", VOCAB, None) == "learned"
+    assert resolve("auto", 32000, None) == "rule"  # another model: no controller trained for it
+    assert resolve("auto", VOCAB, str(tmp_path / "missing.safetensors")) == "rule"
+    assert resolve("random", VOCAB, None) == "random"
