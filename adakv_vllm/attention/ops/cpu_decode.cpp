@@ -195,10 +195,16 @@ struct Rows {
   float* sc;          // [count, sc_stride] scores then probabilities, by key record index
   float* acc;         // [count, d]
   const int* visible; // [count] visible positions of the current page (a prefix, by causality)
+  // 4-bit records in "nibble order" (see kNibbleKind), or null: the rotated query
+  // permuted into that order, and the value accumulators kept in it until the item ends.
+  const float* qperm;  // [count, d]
+  float* acc_perm;     // [count, d]
 };
 
 // ================================ portable path =================================================
 struct ScalarPath {
+  static constexpr bool kNibbleOrder = false;
+
   static void decode(int kind, const uint8_t* rec, const Layout& L, float* out) {
     const int d = L.head_size;
     if (kind >= 3) {
@@ -265,7 +271,7 @@ struct ScalarPath {
         sum += sc[i];
       }
       if (alpha != 1.0f)
-        for (int e = 0; e < R.d; ++e) R.acc[r * R.d + e] *= alpha;
+        for (int e = 0; e < R.d; ++e) R.acc[r * R.d + e] *= alpha;  // no acc_perm on this path
       l[r] = l[r] * alpha + sum;
       m[r] = m_new;
     }
@@ -277,9 +283,16 @@ struct ScalarPath {
 constexpr int kMaxChunks = kMaxHeadSize / 16;
 #define ADAKV_INLINE inline __attribute__((always_inline))
 
+// Decoder kind 5 (kNibbleKind): 4-bit records left in nibble order -- per 32 elements, out[2b] holds the even
+// elements 32b, 32b+2, ..., out[2b+1] the odd ones. Dot products do not care about element order
+// (the query is permuted to match) and value accumulators stay in it until the item ends, so the
+// two interleaving permutes per 32 elements disappear. Needs group_size >= 32 (one scale per pair).
+constexpr int kNibbleKind = 5;
+
 // One record -> NC zmm of fp32, out[c] = elements 16c .. 16c+15. NC = head_size / 16, 0 = runtime.
 template <int KIND, int NC>
 ADAKV_INLINE void decode_record(const uint8_t* rec, const Layout& L, int nc, __m512* out) {
+  constexpr int code = KIND == kNibbleKind ? 1 : KIND;
   const int n = NC ? NC : nc;
   if constexpr (KIND == 3) {
     for (int c = 0; c < n; ++c) {
@@ -294,6 +307,13 @@ ADAKV_INLINE void decode_record(const uint8_t* rec, const Layout& L, int nc, __m
       for (int c = 0; c < n; ++c)
         out[c] = _mm512_cvtepi32_ps(
             _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 16 * c))));
+    } else if constexpr (KIND == kNibbleKind) {
+      const __m512i nibble = _mm512_set1_epi32(0xF);
+      for (int c = 0; c < n; c += 2) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 8 * c)));
+        out[c] = _mm512_cvtepi32_ps(_mm512_and_si512(b, nibble));
+        out[c + 1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+      }
     } else if constexpr (KIND == 1) {
       // 16 bytes = 32 nibbles: low nibbles are the even elements, high nibbles the odd ones;
       // two 2-source permutes interleave them back into element order.
@@ -319,8 +339,8 @@ ADAKV_INLINE void decode_record(const uint8_t* rec, const Layout& L, int nc, __m
     // x = code * scale + min, per group of group_size elements (>= 16, so whole chunks). The fp16
     // scales and mins are converted together, then broadcast from memory (cheap loads).
     const __mmask16 gmask = static_cast<__mmask16>((1u << L.num_groups) - 1);
-    const __m512 scales = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, rec + L.scales_offset[KIND]));
-    const __m512 mins = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, rec + L.mins_offset[KIND]));
+    const __m512 scales = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, rec + L.scales_offset[code]));
+    const __m512 mins = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, rec + L.mins_offset[code]));
     for (int c = 0; c < n; ++c) {
       const __m512i g = _mm512_set1_epi32(c >> L.chunk_shift);
       out[c] = _mm512_fmadd_ps(out[c], _mm512_permutexvar_ps(g, scales), _mm512_permutexvar_ps(g, mins));
@@ -411,9 +431,11 @@ inline void value_rows(const uint8_t* base, int stride, int count, const uint16_
 
 template <int NC>
 struct Avx512Path {
+  static constexpr bool kNibbleOrder = NC % 2 == 0 && NC > 0;
+
   template <int KIND>
   static void scores_kind(const Run& run, const uint8_t* base, Rows& R, const Layout& L) {
-    const float* q = KIND < 3 ? R.qrot : R.q;
+    const float* q = KIND == kNibbleKind ? R.qperm : KIND < 3 ? R.qrot : R.q;
     // Rows in blocks of up to 3 (SmolLM2's GQA group): RB x 4 accumulators stay in registers.
     for (int r0 = 0; r0 < R.count; r0 += 3) {
       const float* qb = q + r0 * R.d;
@@ -428,7 +450,12 @@ struct Avx512Path {
   static void scores(const Run& run, const uint8_t* base, const uint16_t*, Rows& R, const Layout& L) {
     switch (run.kind) {
       case 0: scores_kind<0>(run, base, R, L); break;
-      case 1: scores_kind<1>(run, base, R, L); break;
+      case 1:
+        if (R.qperm)
+          scores_kind<kNibbleKind>(run, base, R, L);
+        else
+          scores_kind<1>(run, base, R, L);
+        break;
       case 2: scores_kind<2>(run, base, R, L); break;
       case 3: scores_kind<3>(run, base, R, L); break;
       default: scores_kind<4>(run, base, R, L); break;
@@ -443,7 +470,7 @@ struct Avx512Path {
       const int t_max = R.visible[r0 + rb - 1];  // later rows see at least as much (causal)
       if (t_max <= 0) continue;
       const float* p = R.sc + r0 * R.sc_stride;
-      float* a = R.acc + r0 * R.d;
+      float* a = (KIND == kNibbleKind ? R.acc_perm : R.acc) + r0 * R.d;
 #define ADAKV_VALUES(N) \
   value_rows<KIND, NC, N>(base, run.stride, run.count, order, key_rank, t_max, p, a, R.d, R.sc_stride, L)
       switch (rb) {
@@ -459,7 +486,12 @@ struct Avx512Path {
                      Rows& R, const Layout& L) {
     switch (run.kind) {
       case 0: values_kind<0>(run, base, order, key_rank, R, L); break;
-      case 1: values_kind<1>(run, base, order, key_rank, R, L); break;
+      case 1:
+        if (R.acc_perm)
+          values_kind<kNibbleKind>(run, base, order, key_rank, R, L);
+        else
+          values_kind<1>(run, base, order, key_rank, R, L);
+        break;
       case 2: values_kind<2>(run, base, order, key_rank, R, L); break;
       case 3: values_kind<3>(run, base, order, key_rank, R, L); break;
       default: values_kind<4>(run, base, order, key_rank, R, L); break;
@@ -493,8 +525,10 @@ struct Avx512Path {
       }
       if (alpha != 1.0f) {
         const __m512 av = _mm512_set1_ps(alpha);
-        float* a = R.acc + r * R.d;
-        for (int e = 0; e < R.d; e += 16) _mm512_storeu_ps(a + e, _mm512_mul_ps(av, _mm512_loadu_ps(a + e)));
+        for (float* a : {R.acc + r * R.d, R.acc_perm ? R.acc_perm + r * R.d : nullptr}) {
+          if (!a) continue;
+          for (int e = 0; e < R.d; e += 16) _mm512_storeu_ps(a + e, _mm512_mul_ps(av, _mm512_loadu_ps(a + e)));
+        }
       }
       l[r] = l[r] * alpha + _mm512_reduce_add_ps(sum);
       m[r] = m_new;
@@ -603,7 +637,8 @@ bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView
   const int per_head = static_cast<int>(q_len) * group, rows = per_head * heads;
   const int sc_stride = (bs + 31) / 16 * 16;  // >= bs + 16: room for 4-wide stores past the end
   const bool rotated = P.query_rot != nullptr;
-  const size_t need = static_cast<size_t>(rows) * (d * (rotated ? 3 : 2) + sc_stride + 5);
+  const bool nibble = Path::kNibbleOrder && L.group_size >= 32;
+  const size_t need = static_cast<size_t>(rows) * (d * (rotated ? 3 : 2) + (nibble ? 2 * d : 0) + sc_stride + 5);
   if (ws.size() < need) ws.resize(need);
   float* w = ws.data();
   float* q = w;
@@ -614,6 +649,10 @@ bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView
   w += rows * d;
   float* sc = w;
   w += rows * sc_stride;
+  float* qperm = nibble ? w : nullptr;
+  w += nibble ? rows * d : 0;
+  float* acc_perm = nibble ? w : nullptr;
+  w += nibble ? rows * d : 0;
   float* m = w;
   float* l = w + rows;
   int* visible = reinterpret_cast<int*>(w + 2 * rows);
@@ -630,6 +669,15 @@ bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView
         l[r] = 0.f;
       }
   std::fill(acc, acc + static_cast<size_t>(rows) * d, 0.f);
+  if (nibble) {  // element 32b + 2i (+1) of the rotated query -> lane i of chunk 2b (2b + 1)
+    std::fill(acc_perm, acc_perm + static_cast<size_t>(rows) * d, 0.f);
+    for (int r = 0; r < rows; ++r)
+      for (int b = 0; b < d; b += 32)
+        for (int i = 0; i < 16; ++i) {
+          qperm[r * d + b + i] = qrot[r * d + b + 2 * i];
+          qperm[r * d + b + 16 + i] = qrot[r * d + b + 2 * i + 1];
+        }
+  }
 
   for (int page = it.page_begin; page < it.page_end; ++page) {
     const int64_t base = static_cast<int64_t>(page) * bs;
@@ -658,7 +706,8 @@ bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView
     }
     for (int h = 0; h < heads; ++h) {
       const int r0 = h * per_head;
-      Rows R{per_head, d, sc_stride, q + r0 * d, qrot + r0 * d, sc + r0 * sc_stride, acc + r0 * d, visible + r0};
+      Rows R{per_head, d, sc_stride, q + r0 * d, qrot + r0 * d, sc + r0 * sc_stride, acc + r0 * d, visible + r0,
+             nibble ? qperm + r0 * d : nullptr, nibble ? acc_perm + r0 * d : nullptr};
       for (int i = 0; i < view.num_runs[0]; ++i) {
         const Run& run = view.runs[0][i];
         Path::scores(run, run.base + h * run.head_step, view.order[0] + run.first, R, L);
@@ -670,6 +719,13 @@ bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView
       }
     }
   }
+  if (nibble)  // fold the nibble-order accumulators back into element order
+    for (int r = 0; r < rows; ++r)
+      for (int b = 0; b < d; b += 32)
+        for (int i = 0; i < 16; ++i) {
+          acc[r * d + b + 2 * i] += acc_perm[r * d + b + i];
+          acc[r * d + b + 2 * i + 1] += acc_perm[r * d + b + 16 + i];
+        }
   const int width = d + 2;
   for (int r = 0; r < rows; ++r) {
     float* out = partial + (it.partial + r) * width;
