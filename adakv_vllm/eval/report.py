@@ -4,12 +4,46 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adakv_vllm.eval.configs import REFERENCE
+from adakv_vllm.eval.configs import CONFIGS, REFERENCE
 from adakv_vllm.eval.tasks import mean_se, paired
 
 
 def _fmt(mean: float, se: float, scale: float = 1.0, digits: int = 1) -> str:
     return f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"
+
+
+def _policy_differences(results: list[dict], mc: list[str]) -> list[str]:
+    """Each adaptive policy against random routing and static at the same average bits (the
+    honest controls), paired on the same windows / examples."""
+    by_name = {r["config"]: r for r in results}
+    rows = []
+    for r in results:
+        name = r["config"]
+        config = CONFIGS.get(name)
+        if config is None or not config.adakv or config.adakv.get("policy") not in ("rule", "learned"):
+            continue
+        controls = [
+            c.name
+            for c in CONFIGS.values()
+            if c.adakv
+            and c.nominal_bits == config.nominal_bits
+            and c.adakv.get("policy") in ("random", "static", "rule")
+            and c.name not in (name,)
+            and c.name in by_name
+        ]
+        for control in controls:
+            other = by_name[control]["results"]
+            kl = paired(r["results"]["wikitext"]["kl"], other["wikitext"]["kl"])
+            cells = [
+                _fmt(*paired(r["results"][t]["acc_norm"], other[t]["acc_norm"]), 100)
+                for t in mc
+                if t in other
+            ]
+            rows.append(f"| {name} − {control} | {_fmt(*kl, digits=4)} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    header = "| paired difference | KL (nats/token) | " + " | ".join(f"{t} Δ acc_norm" for t in mc) + " |"
+    return [header, "|---|---:|" + "---:|" * len(mc), *rows, ""]
 
 
 def markdown(results: list[dict], settings: dict) -> str:
@@ -36,6 +70,7 @@ def markdown(results: list[dict], settings: dict) -> str:
                 f"{_fmt(*kl, digits=4)} | {100 * w['quantized_reads']:.0f}% |"
             )
         lines.append("")
+        lines += _policy_differences(results, mc=[t for t in tasks if t not in ("wikitext", "needle")])
     mc = [t for t in tasks if t not in ("wikitext", "needle")]
     if mc:
         header = "| config | avg bits | " + " | ".join(f"{t} acc / acc_norm (Δ acc_norm)" for t in mc) + " |"
