@@ -100,3 +100,20 @@ def test_report_markdown_and_plots(tmp_path):
     assert "| rule3 | 3.00 |" in table and "-33.3 ± 33.3" in table
     report.plots(results, tmp_path)
     assert (tmp_path / "wikitext.png").stat().st_size > 0 and (tmp_path / "piqa.png").stat().st_size > 0
+
+
+def test_eval_refuses_windows_the_learned_controller_was_trained_on():
+    import json
+
+    from adakv_vllm.controller.model import card_path
+    from adakv_vllm.controller.policy import SHIPPED_WEIGHTS
+    from adakv_vllm.eval.configs import CONFIGS, check_training_overlap
+    from adakv_vllm.eval.tasks import wikitext_spans
+
+    learned = [CONFIGS["learned3"]]
+    card = json.loads(card_path(SHIPPED_WEIGHTS).read_text())
+    num_tokens = 301_948  # SmolLM2's tokens of WikiText-2 test
+    check_training_overlap(learned, wikitext_spans(num_tokens, 512, 16))  # the published settings
+    check_training_overlap([CONFIGS["rule3"]], [tuple(card["data"]["training_spans"][0])])  # no controller
+    with pytest.raises(ValueError, match="trained on WikiText-2 tokens"):
+        check_training_overlap(learned, [tuple(card["data"]["training_spans"][3])])
