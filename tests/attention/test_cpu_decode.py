@@ -236,3 +236,76 @@ def test_kernel_runs_on_torchs_openmp_runtime(module):
         pytest.skip("no /proc/self/maps on this platform")
     gomp = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
     assert len(gomp) == 1, gomp
+
+
+def test_fused_matches_stock_kernel(module):
+    """At 16 bits the fused kernel equals vLLM's CPU kernel over the same bf16 cache up to the final
+    rounding: fp32 sums in another order, so a few outputs differ by one bf16 ulp, never more."""
+    types = pytest.importorskip("types")
+    ops = pytest.importorskip("vllm._custom_ops")
+    cpu_attn = pytest.importorskip("vllm.v1.attention.backends.cpu_attn")
+    from vllm.config import set_current_vllm_config
+
+    case = Case("stock", (5, 17, 33, 64, 100, 129, 250, 31, 1), bits="16", query_dtype=torch.bfloat16)
+    args, codec = _problem(case, seed=1)
+    bs, h, d = case.block_size, case.num_kv_heads, case.head_size
+    num_blocks = args["pages"].shape[0]
+    # the cache stock would hold: sealed pages decoded (16-bit: exact), open blocks from staging
+    slots = args["staging_slot"]
+    key = torch.zeros(num_blocks, bs, h, d)
+    value = torch.zeros_like(key)
+    sealed = slots < 0
+    key[sealed], value[sealed], _, _ = codec.decode(args["pages"][sealed])
+    key[~sealed] = args["staging_key"][slots[~sealed]].float()
+    value[~sealed] = args["staging_value"][slots[~sealed]].float()
+    isa = cpu_attn._get_attn_isa(torch.bfloat16, bs, d)
+    cache = torch.empty(num_blocks, h, 2 * bs, d, dtype=torch.bfloat16)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(
+        key.reshape(-1, h, d).bfloat16(),
+        value.reshape(-1, h, d).bfloat16(),
+        key_cache,
+        value_cache,
+        torch.arange(num_blocks * bs),
+        isa,
+    )
+    num_seqs = args["seq_lens"].numel()
+    query = args["query"][: int(args["query_start_loc"][-1])]
+    scale = d**-0.5
+    md = cpu_attn.CPUAttentionMetadata(
+        num_actual_tokens=query.shape[0],
+        max_query_len=1,
+        query_start_loc=args["query_start_loc"],
+        max_seq_len=int(args["seq_lens"].max()),
+        seq_lens=args["seq_lens"],
+        block_table=args["block_table"][:num_seqs],
+        slot_mapping=torch.zeros(query.shape[0], dtype=torch.int64),
+        scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+            num_seqs,
+            case.num_heads,
+            h,
+            d,
+            args["seq_lens"],
+            torch.bfloat16,
+            args["query_start_loc"],
+            True,
+            -1,
+            isa,
+            True,
+        ),
+    )
+    config = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(dtype=torch.bfloat16),
+        parallel_config=types.SimpleNamespace(decode_context_parallel_size=1),
+    )
+    with set_current_vllm_config(config):
+        impl = cpu_attn.CPUAttentionBackendImpl(case.num_heads, d, scale, h, None, None, "auto")
+    layer = types.SimpleNamespace(isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
+    stock = torch.empty_like(query)
+    impl.forward(layer, query, None, None, cache.view(num_blocks, h, bs, 2 * d), md, stock)
+    ours = cpu.paged_attention(
+        **{**args, "query": query}, layout=codec.layout, scale=scale, rotate_keys=True, module=module
+    )
+    ulp = stock.float().abs().clamp_min(2.0**-126) * 2.0**-7  # one bf16 ulp is at most |x| * 2**-7
+    assert ((ours.float() - stock.float()).abs() <= ulp).all()
+    assert (ours == stock).float().mean() > 0.99

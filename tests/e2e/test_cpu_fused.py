@@ -1,4 +1,11 @@
-"""The fused CPU decode attention inside real vLLM: exact at 16 bits, close to the scratch path at 4.
+"""The fused CPU decode attention inside real vLLM: close to stock at 16 bits and to the scratch path
+at 4 bits.
+
+Not token-for-token at 16 bits: the fused kernel and vLLM's kernel both accumulate in fp32 but in
+different orders, so about 1 output element in 4000 differs by one bf16 ulp (both are roundings of
+the same fp32 value; tests/attention/test_cpu_decode.py::test_fused_matches_stock_kernel pins that
+down), and a greedy near-tie can then flip (seen: prompt 0, token 17 of 48). Bit-exact equality with
+stock is a property of the scratch path (tests/e2e/test_engine.py).
 
 Each engine runs in its own subprocess (tests/e2e/probe.py). The fused path announces its first
 decode step on the vllm.adakv.cpu logger; the tests require that line, so a silent fall-back to the
@@ -36,11 +43,12 @@ def run(spec: dict, mode: str) -> tuple[dict, str]:
     raise AssertionError(f"probe failed (rc={proc.returncode}):\n{proc.stderr[-6000:]}")
 
 
-def test_fused_16_bits_equals_stock_token_for_token(probe):
+def test_fused_16_bits_matches_stock(probe):
     stock = probe({**STOCK, **SHORT})
     ours, log = run(adakv({"target_bits": 16, "policy": "rule"}, **SHORT), "fused")
     assert FIRST_USE in log
-    assert ours["token_ids"] == stock["token_ids"]
+    assert [t[0][:8] for t in ours["token_ids"]] == [t[0][:8] for t in stock["token_ids"]]
+    assert token_agreement(ours, stock) >= 0.9
 
 
 def test_fused_and_scratch_agree_at_4_bits():

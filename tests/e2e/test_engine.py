@@ -26,9 +26,15 @@ def token_agreement(a: dict, b: dict) -> float:
     return same / total
 
 
+# The scratch path runs vLLM's own kernel over the very bytes stock caches, so at 16 bits it is
+# bit-exact; the fused decode kernel sums in another order (equal up to a last-bit bf16 rounding, see
+# tests/e2e/test_cpu_fused.py). Exact-equality checks of the cache bookkeeping use the scratch path.
+SCRATCH = {"ADAKV_CPU_ATTENTION": "scratch"}
+
+
 def test_16_bits_equals_stock_token_for_token(probe):
     stock = probe(STOCK)
-    ours = probe(adakv({"target_bits": 16, "policy": "rule"}))
+    ours = probe(adakv({"target_bits": 16, "policy": "rule"}), env=SCRATCH)
     assert ours["token_ids"] == stock["token_ids"]
 
 
@@ -71,8 +77,9 @@ def test_preemption_keeps_outputs(probe, bits):
     """
     options = {"target_bits": bits, "policy": "static"}
     short = {**LLM_ARGS, "max_model_len": 256}
-    roomy = probe(adakv(options, inspect=True, llm=short))
-    tight = probe(adakv(options, inspect=True, llm={**short, "num_gpu_blocks_override": 12}))
+    env = SCRATCH if bits == 16 else None  # recomputation is prefill, the first pass decode
+    roomy = probe(adakv(options, inspect=True, llm=short), env=env)
+    tight = probe(adakv(options, inspect=True, llm={**short, "num_gpu_blocks_override": 12}), env=env)
     assert roomy["preemptions"] == 0 and tight["preemptions"] > 0
     if bits == 16:
         assert tight["token_ids"] == roomy["token_ids"]
