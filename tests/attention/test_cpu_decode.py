@@ -227,6 +227,23 @@ def test_mode_switch(monkeypatch):
         cpu.fused_kernel()
 
 
+def test_build_failure_falls_back_in_auto_and_raises_in_fused(monkeypatch, caplog):
+    error = OSError("g++: not found")
+    monkeypatch.setattr(cpu, "_load", lambda: (None, error))
+    monkeypatch.setenv("ADAKV_CPU_ATTENTION", "fused")
+    with pytest.raises(cpu.FusedKernelUnavailable, match="g\\+\\+: not found"):
+        cpu.fused_kernel()
+    monkeypatch.setenv("ADAKV_CPU_ATTENTION", "auto")
+    cpu._warn_fallback.cache_clear()
+    # vLLM's logging config may stop propagation at "vllm": listen on our logger itself
+    cpu.logger.addHandler(caplog.handler)
+    try:
+        assert cpu.fused_kernel() is None
+    finally:
+        cpu.logger.removeHandler(caplog.handler)
+    assert "scratch path" in caplog.text
+
+
 def test_kernel_runs_on_torchs_openmp_runtime(module):
     """The library's libgomp.so.1 must be the copy torch loaded, not a second OpenMP runtime."""
     from pathlib import Path
