@@ -39,11 +39,14 @@ def test_learned_policy_with_prompt_features(probe):
     num_sealed = 32 * len(ours["sealed_blocks"])
     assert set(range(1, num_sealed)) <= set(features)
     reference = _teacher_forced(PASSAGE, num_sealed)
-    for p in range(1, num_sealed):
-        entropy, prob = features[p]
-        # bf16 engine vs fp32 reference: entropies agree to a few percent, probabilities closely
-        assert math.isclose(entropy, reference[p][0], rel_tol=0.1, abs_tol=0.05), p
-        assert math.isclose(prob, reference[p][1], rel_tol=0.1, abs_tol=0.02), p
+    d_entropy = torch.tensor([features[p][0] - reference[p][0] for p in range(1, num_sealed)]).abs()
+    d_logp = torch.tensor(
+        [math.log(features[p][1]) - math.log(reference[p][1]) for p in range(1, num_sealed)]
+    ).abs()
+    # bf16 engine vs fp32 reference: logits differ by ~0.1 (measured max 0.2 nats in log p); a
+    # position off by one would give differences of several nats at most positions
+    assert float(d_entropy.median()) < 0.05 and float(d_logp.median()) < 0.05
+    assert float(d_entropy.max()) < 0.5 and float(d_logp.max()) < 0.5
 
 
 def _teacher_forced(text: str, n: int) -> dict[int, tuple[float, float]]:
