@@ -43,7 +43,8 @@ class LabelSettings:
     rotate_keys: bool = True
 
     def positions(self) -> list[int]:
-        return sorted(set(range(0, self.window, self.position_stride)) | set(range(self.dense_head)))
+        dense = range(min(self.dense_head, self.window))
+        return sorted(set(range(0, self.window, self.position_stride)) | set(dense))
 
 
 def training_starts(num_tokens: int, length: int, count: int, exclude: list[tuple[int, int]]) -> list[int]:
