@@ -326,7 +326,8 @@ def table(runs: dict[str, dict], rat: dict[str, dict], settings: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += [
             "",
-            "Decode CPU ms per step (process CPU time; robust to other work on the machine) / median wall ms",
+            "Decode CPU ms per step (engine process, all threads) / median wall ms per step"
+            " -- OpenMP threads spin while waiting, so other work on the machine inflates both",
             "",
             "| config | " + " | ".join(f"b{b} @ {c}" for b, c in points) + " |",
             "|---|" + "---:|" * len(points),

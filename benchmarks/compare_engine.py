@@ -38,8 +38,9 @@ def random_prompts(vocab: np.ndarray, seed: int, stream: int, length: int, count
 
 class StepClock:
     """Wall and process-CPU time of every engine step that produced tokens (the engine runs in this
-    process; the hook is the output processor, which sees each step's new tokens). CPU time per
-    decode step is robust to other work sharing the machine: waiting for a core costs no CPU time."""
+    process; the hook is the output processor, which sees each step's new tokens). The median
+    wall time shrugs off a few disturbed steps; CPU time shows how many cores a step keeps busy, and
+    rises too when other work makes OpenMP threads spin-wait for a descheduled peer."""
 
     def __init__(self, engine):
         self.marks: list[tuple[float, float]] = []  # (perf_counter, process_time) per step with tokens
