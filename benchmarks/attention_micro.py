@@ -1,10 +1,11 @@
-"""One attention layer, decode: the fused kernel vs the scratch path vs stock vLLM CPU attention.
+"""One attention layer, decode (or a prefill chunk with --query-len): the fused kernel vs the scratch
+path vs stock vLLM CPU attention.
 
     flock /tmp/adakv-engine.lock .venv/bin/python benchmarks/attention_micro.py [--quick]
 
 Shape: SmolLM2-135M (9 query heads, 3 KV heads, head_size 64, bf16, block_size 32). For each batch
-size, context length and bits, every sequence's last block is open (FP16 staging) and the rest are
-sealed pages at `bits` (static). Three paths run side by side on the same query:
+size, context length and bits, the blocks the step's query tokens fall in are open (FP16 staging:
+the last one for decode) and the rest are sealed pages at `bits` (static). Three paths run side by side on the same query:
   fused    attention/ops/cpu.py over the packed pages (ADAKV_CPU_ATTENTION=fused)
   scratch  backend.gather_scratch + vLLM's CPU kernel, exactly as AdaKVAttentionImpl.forward does
   stock    CPUAttentionBackendImpl.forward over a bf16 cache of the same shape (stock vLLM)
@@ -37,9 +38,11 @@ NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE, DTYPE = 9, 3, 64, 32, torch.bflo
 SCALE = HEAD_SIZE**-0.5
 
 
-def metadata(seq_lens: torch.Tensor, block_table: torch.Tensor, isa: str) -> CPUAttentionMetadata:
+def metadata(
+    seq_lens: torch.Tensor, block_table: torch.Tensor, isa: str, q_len: int = 1
+) -> CPUAttentionMetadata:
     b = seq_lens.numel()
-    query_start_loc = torch.arange(b + 1, dtype=torch.int32)
+    query_start_loc = torch.arange(b + 1, dtype=torch.int32) * q_len
     sched = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=b,
         num_heads=NUM_HEADS,
@@ -54,13 +57,13 @@ def metadata(seq_lens: torch.Tensor, block_table: torch.Tensor, isa: str) -> CPU
         enable_kv_split=True,
     )
     return CPUAttentionMetadata(
-        num_actual_tokens=b,
-        max_query_len=1,
+        num_actual_tokens=b * q_len,
+        max_query_len=q_len,
         query_start_loc=query_start_loc,
         max_seq_len=int(seq_lens.max()),
         seq_lens=seq_lens,
         block_table=block_table,
-        slot_mapping=torch.zeros(b, dtype=torch.int64),
+        slot_mapping=torch.zeros(b * q_len, dtype=torch.int64),
         scheduler_metadata=sched,
     )
 
@@ -100,23 +103,28 @@ def stock_impl() -> CPUAttentionBackendImpl:
         return CPUAttentionBackendImpl(NUM_HEADS, HEAD_SIZE, SCALE, NUM_KV_HEADS, None, None, "auto")
 
 
-def run_case(batch: int, context: int, bits: int, layers: int, fused_module, min_time: float) -> dict:
+def run_case(
+    batch: int, context: int, bits: int, layers: int, fused_module, min_time: float, q_len: int = 1
+) -> dict:
     gen = torch.Generator().manual_seed(0)
     bs, h, d = BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE
     blocks_per_seq = context // bs
     num_blocks = batch * blocks_per_seq
     seq_lens = torch.full((batch,), context, dtype=torch.int32)
     block_table = torch.randperm(num_blocks, generator=gen).to(torch.int32).reshape(batch, blocks_per_seq)
+    # The blocks this step's query tokens write are still open (staged); earlier ones are sealed.
+    open_blocks = max(1, -(-q_len // bs))
     isa = _get_attn_isa(DTYPE, bs, d)
     layer = types.SimpleNamespace(isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
-    md = metadata(seq_lens, block_table, isa)
+    md = metadata(seq_lens, block_table, isa, q_len)
     impl = stock_impl()
     layout = page_layout(bs, h, d, AdaKVConfig(target_bits=bits, policy="static"))
-    query = torch.randn(batch, NUM_HEADS, d, generator=gen).to(DTYPE)
+    query = torch.randn(batch * q_len, NUM_HEADS, d, generator=gen).to(DTYPE)
     output = torch.empty_like(query)
 
     stores = [
-        make_store(layout, num_blocks, bits, block_table[:, -1].to(torch.int64), gen) for _ in range(layers)
+        make_store(layout, num_blocks, bits, block_table[:, -open_blocks:].reshape(-1).to(torch.int64), gen)
+        for _ in range(layers)
     ]
     caches = []
     for _ in range(layers):
@@ -181,6 +189,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="distinct cache copies cycled per path")
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--query-len", type=int, default=1, help="query tokens per sequence (1: decode; >1: a prefill chunk)"
+    )
     parser.add_argument("--quick", action="store_true", help="batch 16, context 4096, 4 bits only")
     args = parser.parse_args()
     if args.threads:
@@ -189,7 +200,10 @@ def main() -> None:
         args.batch, args.context, args.bits = [16], [4096], [4]
     module = cpu.build()
     clock = "thread CPU time" if torch.get_num_threads() == 1 else "wall time"
-    print(f"threads={torch.get_num_threads()} ({clock}) avx512={module.has_avx512()} layers={args.layers}")
+    print(
+        f"threads={torch.get_num_threads()} ({clock}) avx512={module.has_avx512()} layers={args.layers} "
+        f"query_len={args.query_len}"
+    )
     print(
         f"{'batch':>5} {'ctx':>5} {'bits':>4} | {'fused':>8} {'scratch':>8} {'stock':>8} ms | "
         f"{'stock/fused':>11} {'scratch/fused':>13}"
@@ -197,7 +211,7 @@ def main() -> None:
     for batch in args.batch:
         for context in args.context:
             for bits in args.bits:
-                r = run_case(batch, context, bits, args.layers, module, args.min_time)
+                r = run_case(batch, context, bits, args.layers, module, args.min_time, args.query_len)
                 times = f"{r['fused']:8.3f} {r['scratch']:8.3f} {r['stock']:8.3f} ms"
                 ratios = f"{r['stock'] / r['fused']:11.2f} {r['scratch'] / r['fused']:13.2f}"
                 print(f"{batch:>5} {context:>5} {bits:>4} | {times} | {ratios}", flush=True)

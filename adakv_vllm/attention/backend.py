@@ -1,13 +1,17 @@
 """AdaKVAttentionBackend: vLLM's CUSTOM attention slot, reading heterogeneous uint8 pages.
 
-Writes go to FP16 staging (`do_kv_cache_update`). Reads take one of two paths:
-  fused    pure-decode steps (every query_len == 1): the C++ kernel of attention/ops/cpu.py reads the
-           packed pages and staging in place (ADAKV_CPU_ATTENTION=auto|fused).
-  scratch  every other step (prefill, chunked prefill, mixed), or ADAKV_CPU_ATTENTION=scratch: gather
-           the blocks the step needs -- sealed pages decoded, open blocks from staging -- into a small
-           bf16 scratch cache laid out like stock CPU_ATTN's, and run vLLM's own CPU attention kernel
-           over it with a remapped block table. At 16 bits the scratch holds exactly the bytes stock
-           vLLM would have cached, so outputs match stock.
+Writes go to FP16 staging (`do_kv_cache_update`). Reads take one of two paths, chosen per sequence:
+  fused    decode rows (query_len == 1): the C++ kernel of attention/ops/cpu.py reads the packed
+           pages and staging in place (ADAKV_CPU_ATTENTION=auto|fused).
+  scratch  prefill rows (query_len > 1: prefill, chunked prefill), or every row with
+           ADAKV_CPU_ATTENTION=scratch: gather the blocks those sequences need -- sealed pages
+           decoded, open blocks from staging -- into a small bf16 scratch cache laid out like stock
+           CPU_ATTN's, and run vLLM's own CPU attention kernel over it with a remapped block table
+           (its GEMM-shaped tiles are ~2x faster than the fused kernel on prefill). At 16 bits the
+           scratch holds exactly the bytes stock vLLM would have cached, so outputs match stock.
+A mixed step splits the batch: decode rows always take the fused kernel, whose work split depends
+on each sequence alone, so a request decodes the same tokens whatever else shares its steps (the
+two paths round differently: scratch stores bf16 K/V and bf16 probabilities, fused keeps fp32).
 Both paths fill `output[:num_actual_tokens]` ([num_tokens, num_heads, head_size], the query dtype),
 as stock CPU_ATTN does, and layer 0 accounts the step's sealed/total token reads.
 """
@@ -20,6 +24,7 @@ import logging
 
 import torch
 from vllm import _custom_ops as ops
+from vllm import envs as vllm_envs
 from vllm.v1.attention.backend import AttentionType, MultipleOf
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -111,13 +116,29 @@ class AdaKVAttentionImpl(CPUAttentionBackendImpl):
         store.bind(index, kv_cache)
         if index == 0:
             count_reads(store, attn_metadata)
-        if self._fused is not None and attn_metadata.max_query_len == 1:
+        if self._fused is None:
+            return self._scratch_forward(layer, store, index, query, key, value, attn_metadata, output)
+        if attn_metadata.max_query_len == 1:
             return fused_decode(self._fused, store, index, query, attn_metadata, self.scale, output)
-        scratch, block_table = gather_scratch(store, index, attn_metadata, layer.isa)
-        metadata = dataclasses.replace(attn_metadata, block_table=block_table)
-        return super().forward(
-            layer, query, key, value, scratch, metadata, output, output_scale, output_block_scale
+        split = split_step(
+            attn_metadata, self.num_heads, self.num_kv_heads, self.head_size, query.dtype, layer.isa
         )
+        if split.decode is None:
+            return self._scratch_forward(layer, store, index, query, key, value, attn_metadata, output)
+        rows = split.decode_rows
+        out = output.new_empty((rows.numel(), *output.shape[1:]))
+        fused_decode(self._fused, store, index, query[rows], split.decode, self.scale, out)
+        output[rows] = out
+        rows = split.prefill_rows
+        out = output.new_empty((rows.numel(), *output.shape[1:]))
+        self._scratch_forward(layer, store, index, query[rows], key[rows], value[rows], split.prefill, out)
+        output[rows] = out
+        return output
+
+    def _scratch_forward(self, layer, store, index: int, query, key, value, md, output):
+        scratch, block_table = gather_scratch(store, index, md, layer.isa)
+        metadata = dataclasses.replace(md, block_table=block_table)
+        return super().forward(layer, query, key, value, scratch, metadata, output)
 
 
 def fused_decode(kernel, store, layer: int, query, md: CPUAttentionMetadata, scale: float, output):
@@ -140,6 +161,78 @@ def fused_decode(kernel, store, layer: int, query, md: CPUAttentionMetadata, sca
         module=kernel,
     )
     return output
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSplit:
+    """A mixed step cut into its decode sequences and its prefill sequences, each with its own
+    metadata (token rows renumbered from 0) and the step's token rows it covers."""
+
+    decode: CPUAttentionMetadata | None  # None: the step has no decode rows, or only decode rows
+    decode_rows: torch.Tensor | None
+    prefill: CPUAttentionMetadata | None
+    prefill_rows: torch.Tensor | None
+
+
+_NO_SPLIT = StepSplit(None, None, None, None)
+
+
+def split_step(md: CPUAttentionMetadata, num_heads, num_kv_heads, head_size, dtype, isa) -> StepSplit:
+    """The step's StepSplit, computed by layer 0 and reused by the other layers of the step (every
+    layer of a KV cache group receives the same metadata object)."""
+    cached = md.__dict__.get("_adakv_split")
+    if cached is None:
+        cached = _split(md, num_heads, num_kv_heads, head_size, dtype, isa)
+        md.__dict__["_adakv_split"] = cached
+    return cached
+
+
+def _split(md: CPUAttentionMetadata, num_heads, num_kv_heads, head_size, dtype, isa) -> StepSplit:
+    num_reqs = md.seq_lens.numel()
+    qsl = md.query_start_loc[: num_reqs + 1].to(torch.int64)
+    query_lens = qsl[1:] - qsl[:-1]
+    is_decode = query_lens == 1
+    if not bool(is_decode.any()) or bool(is_decode.all()):
+        return _NO_SPLIT
+
+    def part(mask: torch.Tensor, with_scheduler: bool):
+        seqs = mask.nonzero().squeeze(1)
+        lens = query_lens[seqs]
+        rows = torch.cat([torch.arange(int(qsl[s]), int(qsl[s + 1])) for s in seqs.tolist()])
+        sub_qsl = torch.zeros(seqs.numel() + 1, dtype=md.query_start_loc.dtype)
+        torch.cumsum(lens, 0, out=sub_qsl[1:])
+        seq_lens = md.seq_lens[seqs]
+        scheduler = None
+        if with_scheduler:  # vLLM's kernel plans its work over the batch it is given
+            scheduler = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=seqs.numel(),
+                num_heads=num_heads,
+                num_kv_heads=num_kv_heads,
+                head_dim=head_size,
+                seq_lens=seq_lens,
+                dtype=dtype,
+                query_start_loc=sub_qsl,
+                causal=md.causal,
+                sliding_window_size=-1,
+                isa=isa,
+                enable_kv_split=vllm_envs.VLLM_CPU_ATTN_SPLIT_KV,
+            )
+        sub = dataclasses.replace(
+            md,
+            num_actual_tokens=rows.numel(),
+            max_query_len=int(lens.max()),
+            query_start_loc=sub_qsl,
+            max_seq_len=int(seq_lens.max()),
+            seq_lens=seq_lens,
+            block_table=md.block_table[seqs],
+            slot_mapping=md.slot_mapping[rows],
+            scheduler_metadata=scheduler,
+        )
+        return sub, rows
+
+    decode, decode_rows = part(is_decode, with_scheduler=False)
+    prefill, prefill_rows = part(~is_decode, with_scheduler=True)
+    return StepSplit(decode, decode_rows, prefill, prefill_rows)
 
 
 @functools.cache

@@ -200,6 +200,24 @@ def test_splits_do_not_change_the_result(module):
         torch.testing.assert_close(o, outs[0], rtol=rtol, atol=atol)
 
 
+def test_a_sequence_gets_the_same_bits_alone_or_in_any_batch(module):
+    """The default work split depends on each sequence's own length only (not on the batch), so a
+    row's rounding -- hence a greedy token -- does not change with what else is in the step."""
+    case = Case("batch_invariance", (3000, 40, 9000, 700))
+    args, codec = _problem(case, seed=5)
+    common = {"layout": codec.layout, "scale": 0.125, "rotate_keys": True, "module": module}
+    batch = cpu.paged_attention(**args, **common)
+    for s in range(len(case.seq_lens)):
+        alone = {
+            **args,
+            "query": args["query"][s : s + 1],
+            "block_table": args["block_table"][s : s + 1],
+            "seq_lens": args["seq_lens"][s : s + 1],
+            "query_start_loc": torch.tensor([0, 1], dtype=torch.int32),
+        }
+        assert torch.equal(cpu.paged_attention(**alone, **common)[0], batch[s]), f"sequence {s}"
+
+
 def test_invalid_inputs_raise_value_error(module):
     args, codec = _problem(Case("v", (40,)))
     bad = {**args, "seq_lens": args["seq_lens"].float()}

@@ -3,8 +3,8 @@
 `paged_attention(...)` computes `attention/ops/torch_ref.py`'s contract straight from the packed
 pages (no dequantized copy of the context): causal, any query_len, GQA, mixed 2/4/8/16-bit records,
 open blocks read from FP16 staging, rotated keys dotted with the rotated query. The backend uses it
-for pure-decode steps only; prefill keeps the scratch path, whose GEMM-shaped kernel suits many
-queries per key.
+for every decode row (mixed steps included); prefill rows keep the scratch path, whose GEMM-shaped
+kernel suits many queries per key (~2x faster there: benchmarks/attention_micro.py --query-len 512).
 
 Why C++ (torch.utils.cpp_extension) and not numba or torch.compile: the kernel's work is a
 data-dependent walk (each page's bit map decides where every record lies), 2/4/8-bit unpacking in

@@ -22,7 +22,8 @@
 //   2. online softmax at page granularity (one rescale of the accumulators per page, masked by
 //      position for causality and the sequence end);
 //   3. the value records accumulate p * v, p looked up through the key order's inverse.
-// Long contexts are split over pages (flash-decoding) so that batch 1 still feeds every thread; a
+// Long contexts are split over pages (flash-decoding) so that batch 1 still feeds every thread -- by
+// each sequence's own length, never by the rest of the batch (batch-invariant results); a
 // second pass merges the splits' (max, sum, acc).
 //
 // Threads: an OpenMP parallel region of the caller's torch.get_num_threads() threads -- what
@@ -810,19 +811,11 @@ int run(const Args& a) {
 
   const int64_t num_threads = std::max<int64_t>(1, a.num_threads);
   const int bs = L.block_size;
-  int64_t total_pages = 0;
   for (int64_t s = 0; s < num_seqs; ++s) {
     P.q_len[s] = qsl[s + 1] - qsl[s];
     if (P.q_len[s] < 0 || P.q_len[s] > P.seq_lens[s] || qsl[s] < 0 || qsl[s + 1] > a.num_tokens ||
         (P.seq_lens[s] + bs - 1) / bs > a.block_table_width)
       return kBadArgs;
-    if (P.q_len[s] > 0) total_pages += (P.seq_lens[s] + bs - 1) / bs;
-  }
-  int64_t pages_per_split = a.pages_per_split;
-  if (pages_per_split <= 0) {
-    // About 4 items per thread for dynamic balancing, never below 8 pages per item.
-    const int64_t target = (total_pages + 4 * num_threads - 1) / (4 * num_threads);
-    pages_per_split = std::max<int64_t>(8, target);
   }
   std::vector<Item> items;
   std::vector<int64_t> seq_first;  // per sequence with queries: its first item
@@ -832,6 +825,12 @@ int run(const Args& a) {
     if (P.q_len[s] == 0) continue;
     const int64_t num_pages = (P.seq_lens[s] + bs - 1) / bs;
     const int64_t rows = P.q_len[s] * P.num_heads;
+    // A sequence's split depends on its own length (and the thread count) only, never on the rest of
+    // the batch: up to num_threads items of >= 8 pages. The merge's rounding then does not change
+    // with batch composition, so a request decodes the same tokens alone or in any batch.
+    const int64_t pages_per_split =
+        a.pages_per_split > 0 ? a.pages_per_split
+                              : std::max<int64_t>(8, (num_pages + num_threads - 1) / num_threads);
     seq_first.push_back(static_cast<int64_t>(items.size()));
     seq_of_group.push_back(s);
     for (int64_t p0 = 0; p0 < num_pages; p0 += pages_per_split) {
@@ -859,11 +858,12 @@ int run(const Args& a) {
   if (corrupt) return kCorruptPage;
 
   // Merge the splits of every sequence and write `out` in its dtype. Rows: (KV head, token, group).
+  // Serial: it touches rows x splits x head_size floats, far less than one item's work, and a second
+  // parallel region would add a barrier per layer -- costly when the cores are oversubscribed.
   const int d = L.head_size, width = d + 2;
   const int64_t num_groups = static_cast<int64_t>(seq_of_group.size());
-#pragma omp parallel for num_threads(static_cast<int>(std::min(num_threads, num_groups))) schedule(static)
+  std::vector<float> row(d);
   for (int64_t gi = 0; gi < num_groups; ++gi) {
-    std::vector<float> row(d);
     const int64_t s = seq_of_group[gi], first = seq_first[gi], n_split = seq_first[gi + 1] - first;
     const int per_head = static_cast<int>(P.q_len[s]) * P.group;
     const int rows = per_head * L.num_kv_heads;

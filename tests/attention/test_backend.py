@@ -1,0 +1,164 @@
+"""AdaKVAttentionImpl.forward outside an engine: which path serves which rows of a step.
+
+Decode rows must come from the fused kernel in every step, mixed or not, so that a request's tokens
+do not depend on whether other requests were prefilling beside it (the scratch path rounds K/V and
+probabilities to bf16, the fused kernel keeps fp32: greedy near-ties flip between them).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from vllm import _custom_ops as ops
+from vllm.config import set_current_vllm_config
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata, _get_attn_isa
+
+from adakv_vllm.attention import runtime
+from adakv_vllm.attention.backend import AdaKVAttentionImpl
+from adakv_vllm.attention.ops import cpu
+from adakv_vllm.attention.ops.torch_ref import paged_attention_ref
+from adakv_vllm.blocks.spec import page_layout
+from adakv_vllm.blocks.store import KVStore
+from adakv_vllm.config import AdaKVConfig
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE, DTYPE = 9, 3, 64, 32, torch.bfloat16
+SCALE = HEAD_SIZE**-0.5
+LAYER = 1  # not 0, whose forward also accounts the step's reads
+ISA = _get_attn_isa(DTYPE, BLOCK_SIZE, HEAD_SIZE)
+
+# (seq_len, query_len) per sequence, decodes and prefills interleaved as vLLM may order them:
+# long contexts (several fused splits), a whole-prompt prefill, a chunked prefill over sealed pages.
+MIXED = [(700, 1), (300, 300), (1500, 1), (520, 37), (40, 1)]
+
+
+@pytest.fixture(scope="module")
+def impl():
+    if cpu.fused_kernel() is None:
+        pytest.skip("the fused CPU kernel does not build here")
+    config = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(dtype=DTYPE),
+        parallel_config=types.SimpleNamespace(decode_context_parallel_size=1),
+    )
+    with set_current_vllm_config(config):
+        return AdaKVAttentionImpl(NUM_HEADS, HEAD_SIZE, SCALE, NUM_KV_HEADS, None, None, "auto")
+
+
+@pytest.fixture(scope="module")
+def step():
+    """A KVStore holding MIXED's context (blocks before each query sealed at 4 bits, the rest staged),
+    the step's query, and a metadata builder for any subset of MIXED."""
+    gen = torch.Generator().manual_seed(0)
+    layout = page_layout(BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, AdaKVConfig(target_bits=4, policy="static"))
+    blocks = [-(-s // BLOCK_SIZE) for s, _ in MIXED]
+    num_blocks = sum(blocks) + 2
+    store = KVStore(layout, LAYER + 1, num_blocks, DTYPE, True, max_staging_slots=num_blocks)
+    for layer in range(LAYER + 1):
+        store.bind(layer, torch.zeros(num_blocks, layout.page_bytes, dtype=torch.uint8))
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(MIXED), max(blocks), dtype=torch.int32)
+    to_seal = []
+    start = 0
+    for i, ((seq_len, q_len), nb) in enumerate(zip(MIXED, blocks, strict=True)):
+        ids = perm[start : start + nb]
+        start += nb
+        table[i, :nb] = ids.to(torch.int32)
+        slots = (ids[:, None] * BLOCK_SIZE + torch.arange(BLOCK_SIZE)).reshape(-1)[:seq_len]
+        kv = torch.randn(2, seq_len, NUM_KV_HEADS, HEAD_SIZE, generator=gen).to(DTYPE)
+        store.write(LAYER, slots, kv[0], kv[1])
+        to_seal.append(ids[: (seq_len - q_len) // BLOCK_SIZE])  # full blocks before the query
+    to_seal = torch.cat(to_seal)
+    four = torch.full((to_seal.numel(), BLOCK_SIZE), 4)
+    # seal() packs every layer: give layer 0 the same staged blocks so it has something to pack
+    key, value = store.staging.read(LAYER, to_seal)
+    for b, k, v in zip(to_seal.tolist(), key, value, strict=True):
+        slots = b * BLOCK_SIZE + torch.arange(BLOCK_SIZE)
+        store.write(0, slots, k, v)
+    assert store.seal(to_seal, four, four) == to_seal.numel()
+    query = torch.randn(sum(q for _, q in MIXED), NUM_HEADS, HEAD_SIZE, generator=gen).to(DTYPE)
+
+    def metadata(seqs: list[int]) -> tuple[CPUAttentionMetadata, torch.Tensor]:
+        """-> the metadata of a step running only MIXED[seqs], and its rows of `query`."""
+        qsl_all = torch.tensor([0] + [q for _, q in MIXED]).cumsum(0)
+        rows = torch.cat([torch.arange(int(qsl_all[i]), int(qsl_all[i + 1])) for i in seqs])
+        seq_lens = torch.tensor([MIXED[i][0] for i in seqs], dtype=torch.int32)
+        qsl = torch.tensor([0] + [MIXED[i][1] for i in seqs], dtype=torch.int32).cumsum(0).to(torch.int32)
+        sched = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(seqs),
+            num_heads=NUM_HEADS,
+            num_kv_heads=NUM_KV_HEADS,
+            head_dim=HEAD_SIZE,
+            seq_lens=seq_lens,
+            dtype=DTYPE,
+            query_start_loc=qsl,
+            causal=True,
+            sliding_window_size=-1,
+            isa=ISA,
+            enable_kv_split=True,
+        )
+        md = CPUAttentionMetadata(
+            num_actual_tokens=rows.numel(),
+            max_query_len=max(MIXED[i][1] for i in seqs),
+            query_start_loc=qsl,
+            max_seq_len=int(seq_lens.max()),
+            seq_lens=seq_lens,
+            block_table=table[seqs],
+            slot_mapping=torch.zeros(rows.numel(), dtype=torch.int64),
+            scheduler_metadata=sched,
+        )
+        return md, rows
+
+    runtime.set_store(store)
+    yield store, query, metadata
+    runtime.set_store(None)
+
+
+def _forward(impl, step, seqs):
+    store, query, metadata = step
+    md, rows = metadata(seqs)
+    layer = types.SimpleNamespace(
+        isa=ISA, _k_scale_float=1.0, _v_scale_float=1.0, layer_name=f"model.layers.{LAYER}.self_attn.attn"
+    )
+    out = torch.full((rows.numel() + 3, NUM_HEADS, HEAD_SIZE), 7.0, dtype=DTYPE)  # 3 padding rows
+    q = torch.cat([query[rows], torch.zeros(3, NUM_HEADS, HEAD_SIZE, dtype=DTYPE)])
+    impl.forward(layer, q, q, q, store.pages[LAYER], md, out)
+    assert (out[rows.numel() :] == 7.0).all(), "padding rows must be left untouched"
+    return out[: rows.numel()]
+
+
+def test_mixed_step_rows_equal_the_pure_steps(impl, step):
+    everything = list(range(len(MIXED)))
+    decodes = [i for i, (_, q) in enumerate(MIXED) if q == 1]
+    prefills = [i for i, (_, q) in enumerate(MIXED) if q > 1]
+    mixed = _forward(impl, step, everything)
+    pure_decode = _forward(impl, step, decodes)  # max_query_len 1: the fused kernel
+    pure_prefill = _forward(impl, step, prefills)  # no decode rows: the scratch path
+    metadata = step[2]
+    position = {int(r): j for j, r in enumerate(metadata(everything)[1])}
+    decode_rows = [position[int(r)] for r in metadata(decodes)[1]]
+    prefill_rows = [position[int(r)] for r in metadata(prefills)[1]]
+    # Bitwise: the same kernel on the same sequences, whatever else shares the step.
+    assert torch.equal(mixed[decode_rows], pure_decode)
+    assert torch.equal(mixed[prefill_rows], pure_prefill)
+
+
+def test_mixed_step_matches_the_oracle(impl, step):
+    store, query, metadata = step
+    md, rows = metadata(list(range(len(MIXED))))
+    out = _forward(impl, step, list(range(len(MIXED))))
+    expected = paged_attention_ref(
+        query[rows],
+        store.pages[LAYER],
+        store.staging.key[LAYER],
+        store.staging.value[LAYER],
+        store.staging.slot_of_block,
+        md.block_table,
+        md.seq_lens,
+        md.query_start_loc,
+        codec=store.codec,
+        scale=SCALE,
+    )
+    # Outputs are bf16 (relative 2**-9); the scratch rows also round K/V and probabilities to bf16
+    # inside vLLM's kernel: a few bf16 ulps of the output's scale (~1/sqrt(context) .. 1).
+    torch.testing.assert_close(out.float(), expected, rtol=2**-6, atol=2**-7)
