@@ -5,7 +5,8 @@ path vs stock vLLM CPU attention.
 
 Shape: SmolLM2-135M (9 query heads, 3 KV heads, head_size 64, bf16, block_size 32). For each batch
 size, context length and bits, the blocks the step's query tokens fall in are open (FP16 staging:
-the last one for decode) and the rest are sealed pages at `bits` (static). Three paths run side by side on the same query:
+the last one for decode) and the rest are sealed pages at `bits` (static). Three paths run side by
+side on the same query:
   fused    attention/ops/cpu.py over the packed pages (ADAKV_CPU_ATTENTION=fused)
   scratch  backend.gather_scratch + vLLM's CPU kernel, exactly as AdaKVAttentionImpl.forward does
   stock    CPUAttentionBackendImpl.forward over a bf16 cache of the same shape (stock vLLM)

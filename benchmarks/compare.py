@@ -1,6 +1,6 @@
 """Side by side against stock vLLM: throughput, decode ms/token, KV capacity and peak RSS.
 
-    python benchmarks/compare.py [--configs bf16,fp8,adakv8,adakv4,adakv3,adakv2.5] [--policy rule]
+    python benchmarks/compare.py [--configs bf16,fp8,adakv8,adakv4,adakv3,adakv2.5] [--policy auto]
         [--contexts 1024,4096,8128] [--batch-sizes 1,16] [--skip 16x8128] [--json F] [--plot F.png]
     adakv bench compare ...    (the same)
 
@@ -40,7 +40,7 @@ import threading
 import time
 from pathlib import Path
 
-from adakv_vllm.config import AdaKVConfig
+from adakv_vllm.config import POLICIES, AdaKVConfig
 from adakv_vllm.eval.configs import CONFIGS, EvalConfig
 from adakv_vllm.model_store import resolve_model
 
@@ -86,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="adakv bench compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list (default: %(default)s)")
-    p.add_argument("--policy", default="rule", help="policy of the adakvN configs: static | random | rule")
+    p.add_argument(
+        "--policy",
+        default="auto",
+        choices=POLICIES,
+        help="policy of the adakvN configs (default: the plugin's default, %(default)s)",
+    )
     p.add_argument("--model", default=None, help="hub id or folder (default: the embedded SmolLM2)")
     p.add_argument("--num-prompts", type=int, default=64, help="throughput prompts")
     p.add_argument("--input-len", type=int, default=512, help="throughput prompt tokens")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.test_engine import LLM_ARGS, STOCK, adakv
+from tests.e2e.test_engine import LLM_ARGS, SCRATCH, STOCK, adakv, token_agreement
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +23,17 @@ def test_tensor_parallel_3_matches_tp1(probe):
 
 
 def test_torch_compile_mode(probe):
-    stock = probe(STOCK)
-    compiled = probe(adakv({"target_bits": 16}, llm={**LLM_ARGS, "enforce_eager": False}))
-    assert compiled["token_ids"] == stock["token_ids"]
+    """enforce_eager=False: vLLM compiles the model around the attention op (CPU: no CUDA graphs).
+
+    Compilation changes stock vLLM's own numerics (fused elementwise ops), so the reference is stock
+    compiled. The scratch path at 16 bits feeds vLLM's kernel the bytes stock caches: token for token.
+    The default fused path is held to the closeness it has to stock in eager mode (test_cpu_fused)."""
+    compiled = {**LLM_ARGS, "enforce_eager": False}
+    stock = probe({**STOCK, "llm": compiled})
+    scratch = probe(adakv({"target_bits": 16}, llm=compiled), env=SCRATCH)
+    assert scratch["token_ids"] == stock["token_ids"]
+    fused = probe(adakv({"target_bits": 16}, llm=compiled))
+    pairs = zip(fused["token_ids"], stock["token_ids"], strict=True)
+    same_start = sum(a[0][:8] == b[0][:8] for a, b in pairs)
+    assert same_start >= 6
+    assert token_agreement(fused, stock) >= 0.9
