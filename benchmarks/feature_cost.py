@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/feature_cost.py [--repeats 20]
 
 Worker side, every step: the store's quantization-error feature (2/4/8-bit errors of each written
-token in each of the 30 layers) -- the staging writes of a step with and without computing it.
+token in each of the 30 layers) -- the staging writes of a step with it (compiled kernel, and its
+torch oracle, the fallback where no compiler is available) and without it.
 Scheduler side, once per sealing block: BlockTokens -> features -> MLP -> planner, for each policy.
 Prints milliseconds per call; figures are for this machine, compare them with a decode step's time.
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from unittest import mock
 
 import torch
 
+from adakv_vllm.attention.ops import cpu
 from adakv_vllm.blocks import planner
 from adakv_vllm.blocks.store import KVStore
 from adakv_vllm.controller.policy import BlockTokens, controller_expectations, make_policy
@@ -32,7 +35,7 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
-def worker_cost(num_tokens: int, repeats: int) -> tuple[float, float]:
+def worker_cost(num_tokens: int, repeats: int) -> tuple[float, float, float]:
     record = fmt.RecordLayout(HEAD_SIZE, 32)
     layout = fmt.PageLayout(BLOCK, HEADS, record, fmt.page_bytes_for_target(BLOCK, HEADS, record, 4.0, 4.0))
     store = KVStore(layout, LAYERS, 4096, torch.bfloat16, True, max_staging_slots=256)
@@ -47,9 +50,11 @@ def worker_cost(num_tokens: int, repeats: int) -> tuple[float, float]:
         if features:
             store.step_features()
 
-    with_features = timed(lambda: step(True), repeats)
+    compiled = timed(lambda: step(True), repeats)
+    with mock.patch.object(cpu, "library", lambda: None):
+        oracle = timed(lambda: step(True), repeats)
     without = timed(lambda: step(False), repeats)
-    return with_features, without
+    return compiled, oracle, without
 
 
 def scheduler_cost(policy_name: str, repeats: int) -> float:
@@ -81,10 +86,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print("worker: KVStore.write over 30 layers, ms per step (quantization-error feature on / off)")
+    print("worker: KVStore.write over 30 layers, ms per step (quantization-error feature")
+    print("        compiled / torch oracle / off)")
     for n in (1, 16, 512):
-        on, off = worker_cost(n, args.repeats)
-        print(f"  {n:4d} tokens  {on:8.2f} / {off:8.2f}   feature share {1 - off / on:.0%}")
+        on, oracle, off = worker_cost(n, args.repeats)
+        print(f"  {n:4d} tokens  {on:8.2f} / {oracle:8.2f} / {off:8.2f}   feature share {1 - off / on:.0%}")
     print("scheduler: one sealing block of 32 tokens at 3 bits, ms (features + policy + planner)")
     for name in ("random", "rule", "learned"):
         print(f"  {name:8s} {scheduler_cost(name, args.repeats):8.3f}")

@@ -15,6 +15,7 @@ import logging
 
 import torch
 
+from adakv_vllm.attention.ops import cpu
 from adakv_vllm.blocks.paging import PageCodec
 from adakv_vllm.blocks.staging import StagingArea
 from adakv_vllm.quant import format as fmt
@@ -25,6 +26,15 @@ logger = logging.getLogger("vllm.adakv.store")
 
 # The precisions whose reconstruction error is reported as a feature (16 bits has none).
 FEATURE_PRECISIONS = tuple(p for p in PRECISIONS if p.is_quantized)
+
+
+def _relative_errors(x: torch.Tensor, group_size: int, rotate_record: bool) -> torch.Tensor:
+    """x: [T, H, D] -> [T, len(FEATURE_PRECISIONS)]: the compiled kernel (built once, on first use),
+    else its torch oracle."""
+    library = cpu.library()
+    if library is None:
+        return relative_errors(x, FEATURE_PRECISIONS, group_size, rotate_record)
+    return cpu.relative_errors(x, FEATURE_PRECISIONS, group_size, rotate_record, library)
 
 
 class KVStore:
@@ -80,8 +90,9 @@ class KVStore:
         """Features of the tokens written this step: slots [T] int64 and qerr [T, 3], each token's
         relative reconstruction error at 2/4/8 bits averaged over layers, heads, K and V.
 
-        Computed once per step from staging for all layers together: per-layer calls cost ~15x more
-        in per-op overhead than the arithmetic (benchmarks/feature_cost.py)."""
+        Computed once per step from staging for all layers together (per-layer calls cost ~15x more
+        in per-op overhead than the arithmetic), by the compiled kernel of attention/ops/cpu.py where
+        it builds (~4x faster than the torch form; benchmarks/feature_cost.py)."""
         if self._written is None:
             return None
         if self._features is None:
@@ -92,8 +103,8 @@ class KVStore:
             value = self.staging.value[:, staging_slots, slots % bs]
             layers, num_tokens = key.shape[:2]
             group = self.layout.record.group_size
-            err = relative_errors(key.flatten(0, 1), FEATURE_PRECISIONS, group, self.rotate_keys)
-            err = err + relative_errors(value.flatten(0, 1), FEATURE_PRECISIONS, group, False)  # [L*T, 3]
+            err = _relative_errors(key.flatten(0, 1), group, self.rotate_keys)
+            err = err + _relative_errors(value.flatten(0, 1), group, False)  # [L*T, 3]
             self._features = {"slots": slots, "qerr": err.view(layers, num_tokens, -1).mean(0) / 2}
         return self._features
 

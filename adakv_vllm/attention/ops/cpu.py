@@ -53,11 +53,13 @@ import torch
 from adakv_vllm import envs
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import PRECISIONS
+from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS
 from adakv_vllm.quant.rotation import rotate
 
 logger = logging.getLogger("vllm.adakv.cpu")
 
-SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+# One library: the fused decode attention and the store's fused quantization-error feature.
+SOURCES = (Path(__file__).with_name("cpu_decode.cpp"), Path(__file__).with_name("cpu_qerr.cpp"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -80,7 +82,7 @@ def _cpu_signature() -> str:
 
 
 def build_key() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
     for part in (*CFLAGS, *LDFLAGS, torch.__version__, platform.machine(), _cpu_signature()):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -139,8 +141,26 @@ class Kernel:
         self._lib.adakv_paged_attention.argtypes = [ctypes.POINTER(_Args)]
         self._lib.adakv_paged_attention.restype = ctypes.c_int
         self._lib.adakv_args_size.restype = ctypes.c_int64
+        self._lib.adakv_relative_errors.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_int64,
+        ]  # fmt: skip
+        self._lib.adakv_relative_errors.restype = ctypes.c_int
         if self._lib.adakv_args_size() != ctypes.sizeof(_Args):
             raise RuntimeError(f"{path}: struct Args does not match cpu.py's _Args (stale build?)")
+
+    def relative_errors(
+        self, y: torch.Tensor, tops: torch.Tensor, group_size: int, out: torch.Tensor
+    ) -> None:
+        """y: [rows, d] fp32 contiguous; tops: [P] int64; out: [rows, P] fp32 contiguous."""
+        status = self._lib.adakv_relative_errors(
+            y.data_ptr(), y.shape[0], y.shape[1], group_size, tops.data_ptr(), tops.numel(),
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise ValueError(
+                f"relative_errors: head_size {y.shape[1]}, group {group_size}, {tops.numel()} precisions"
+            )
 
     def has_avx512(self) -> bool:
         return bool(self._lib.adakv_has_avx512())
@@ -168,7 +188,7 @@ def build() -> Kernel:
         start = time.perf_counter()
         path = cpp_extension.load(
             name=f"adakv_cpu_decode_{key}",
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=list(CFLAGS),
             extra_ldflags=list(LDFLAGS),
             build_directory=str(directory),
@@ -208,6 +228,12 @@ def fused_kernel() -> Kernel | None:
         ) from error
     _warn_fallback(error)
     return None
+
+
+def library() -> Kernel | None:
+    """The compiled library whatever ADAKV_CPU_ATTENTION says (it also holds non-attention kernels),
+    or None when it cannot be built here."""
+    return _load()[0]
 
 
 @functools.cache
@@ -351,3 +377,20 @@ def paged_attention(
     )
     kernel.run(args)
     return out
+
+
+def relative_errors(
+    x: torch.Tensor, precisions, group_size: int, rotate_record: bool, module: Kernel
+) -> torch.Tensor:
+    """quant.reference.relative_errors (the oracle), fused: x [T, H, D] -> [T, P] fp32, each token's
+    mean over heads of ||x - stored_p(x)|| / ||x||. The clamp and the rotation (a GEMM) stay in torch."""
+    y = x.float().clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
+    if rotate_record:
+        y = rotate(y)
+    t, h, d = y.shape
+    if d % group_size:
+        raise ValueError(f"head_size {d} is not a multiple of group_size {group_size}")
+    tops = torch.tensor([p.levels - 1 for p in precisions], dtype=torch.int64)
+    out = torch.empty(t * h, tops.numel())
+    module.relative_errors(y.contiguous().view(t * h, d), tops, group_size, out)
+    return out.view(t, h, -1).mean(1)
