@@ -12,11 +12,20 @@ Invariant: `slot_of_block[b] >= 0` iff block b has a slot; a slot belongs to at 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
 class StagingFullError(RuntimeError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class WritePlan:
+    valid: torch.Tensor  # [T] bool, the non-padding tokens
+    staging_slots: torch.Tensor  # [V] int64, each valid token's staging slot
+    offsets: torch.Tensor  # [V] int64, its position in the block
 
 
 class StagingArea:
@@ -79,14 +88,22 @@ class StagingArea:
                 self._free.append(slot)
                 self.slot_of_block[block] = -1
 
-    def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-        """slot_mapping: [T] int64 vLLM slots (-1 = padding); key, value: [T, num_kv_heads, head_size]."""
+    def plan(self, slot_mapping: torch.Tensor) -> WritePlan:
+        """Where the tokens of `slot_mapping` ([T] int64 vLLM slots, -1 = padding) go, allocating
+        slots for blocks that have none. Every layer of a step writes the same slots: plan once."""
         valid = slot_mapping >= 0
         slots = slot_mapping[valid]
         blocks, offsets = slots // self.block_size, slots % self.block_size
-        staging_slots = self.assign(blocks)
-        self.key[layer, staging_slots, offsets] = key[valid].to(self.dtype)
-        self.value[layer, staging_slots, offsets] = value[valid].to(self.dtype)
+        return WritePlan(valid, self.assign(blocks), offsets)
+
+    def write_planned(self, layer: int, plan: WritePlan, key: torch.Tensor, value: torch.Tensor) -> None:
+        """key, value: [T, num_kv_heads, head_size], the rows of the planned slot_mapping."""
+        self.key[layer, plan.staging_slots, plan.offsets] = key[plan.valid].to(self.dtype)
+        self.value[layer, plan.staging_slots, plan.offsets] = value[plan.valid].to(self.dtype)
+
+    def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """slot_mapping: [T] int64 vLLM slots (-1 = padding); key, value: [T, num_kv_heads, head_size]."""
+        self.write_planned(layer, self.plan(slot_mapping), key, value)
 
     def read(self, layer: int, block_ids: torch.Tensor):
         """-> key, value [n, block_size, num_kv_heads, head_size] of blocks that all have slots."""

@@ -17,7 +17,7 @@ import torch
 
 from adakv_vllm.attention.ops import cpu
 from adakv_vllm.blocks.paging import PageCodec
-from adakv_vllm.blocks.staging import StagingArea
+from adakv_vllm.blocks.staging import StagingArea, WritePlan
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import PRECISIONS
 from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, relative_errors
@@ -56,6 +56,7 @@ class KVStore:
         self.pages: list[torch.Tensor | None] = [None] * num_layers  # each [num_blocks, page_bytes] uint8
         self._written: torch.Tensor | None = None  # [T] slots written this step
         self._features: dict[str, torch.Tensor] | None = None
+        self._plan: tuple[torch.Tensor, WritePlan] | None = None  # this step's slot_mapping and plan
         # Attention token-reads (query x visible key) served from sealed pages vs in all; layer 0.
         self.sealed_reads = 0
         self.total_reads = 0
@@ -75,16 +76,24 @@ class KVStore:
     def begin_step(self) -> None:
         self._written = None
         self._features = None
+        self._plan = None
 
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """slot_mapping: [T] int64 (-1 = padding); key, value: [T, num_kv_heads, head_size]."""
-        valid = slot_mapping >= 0
-        if not valid.any():
-            return
-        self.staging.write(layer, slot_mapping, key, value)
-        self.sealed[slot_mapping[valid] // self.layout.block_size] = False
-        if self._written is None:  # every layer writes the same slots in a step
-            self._written = slot_mapping[valid].clone()
+        # Every layer of a step writes the same slots: plan (allocate, re-open) once per mapping.
+        cached = self._plan
+        if cached is None or not (
+            cached[0].shape == slot_mapping.shape and torch.equal(cached[0], slot_mapping)
+        ):
+            valid = slot_mapping >= 0
+            if not valid.any():
+                return
+            plan = self.staging.plan(slot_mapping)
+            self.sealed[slot_mapping[valid] // self.layout.block_size] = False
+            cached = self._plan = (slot_mapping.clone(), plan)
+            if self._written is None:
+                self._written = slot_mapping[valid].clone()
+        self.staging.write_planned(layer, cached[1], key, value)
 
     def step_features(self) -> dict[str, torch.Tensor] | None:
         """Features of the tokens written this step: slots [T] int64 and qerr [T, 3], each token's
@@ -131,6 +140,7 @@ class KVStore:
         return int(block_ids.numel())
 
     def release(self, block_ids) -> None:
+        self._plan = None  # it may name the released slots
         self.staging.release(block_ids)
 
     # ---- reads ----------------------------------------------------------------------------------

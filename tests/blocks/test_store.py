@@ -106,3 +106,19 @@ def test_features_are_per_token_relative_errors():
     # error falls with bits: 2 > 4 > 8, and 2-bit error of gaussian data is ~0.3-0.6
     assert (qerr[:, 0] > qerr[:, 1]).all() and (qerr[:, 1] > qerr[:, 2]).all()
     assert ((qerr[:, 0] > 0.2) & (qerr[:, 0] < 0.8)).all()
+
+
+def test_one_write_plan_per_step_and_none_across_a_release(monkeypatch):
+    store = make_store()
+    calls = []
+    plan = store.staging.plan
+    monkeypatch.setattr(store.staging, "plan", lambda mapping: calls.append(1) or plan(mapping))
+    slots = [BS * 1 + i for i in range(3)]
+    store.begin_step()
+    write_tokens(store, slots)  # every layer, the same mapping
+    assert len(calls) == 1
+    store.release([1])  # the planned staging slot is freed ...
+    written = write_tokens(store, slots, seed=1)  # ... so the same mapping is planned again
+    assert len(calls) == 2 and store.staging.slot_of_block[1] >= 0
+    key, _ = store.gather(LAYERS - 1, torch.tensor([1]))
+    assert torch.equal(key[0, :3], written[-1][0])

@@ -1,4 +1,8 @@
-"""The fused CPU attention kernel (cpu_decode.cpp): JIT build, cache, and its one launcher.
+"""The compiled CPU kernels: JIT build, cache, and their launchers.
+
+  cpu_decode.cpp  the fused paged attention (`paged_attention`), described below;
+  cpu_qerr.cpp    the store's per-step quantization-error feature (`relative_errors`, oracle:
+                  quant.reference.relative_errors).
 
 `paged_attention(...)` computes `attention/ops/torch_ref.py`'s contract straight from the packed
 pages (no dequantized copy of the context): causal, any query_len, GQA, mixed 2/4/8/16-bit records,
@@ -14,7 +18,7 @@ has bound) and has no AVX-512 intrinsics for the unpack; torch.compile's CPU cod
 materialise the gathered records, i.e. the scratch copy this kernel exists to avoid. C++ gives both
 the intrinsics and OpenMP on torch's own threads.
 
-Build: torch.utils.cpp_extension.load (ninja), as a plain shared library with one C entry point
+Build: torch.utils.cpp_extension.load (ninja), as one plain shared library with C entry points
 called through ctypes. The source includes no torch header: with torch/extension.h the build took
 ~37 s of CPU (~90 s wall on this shared 2-core machine), without it ~1.5 s of CPU (~6 s wall on the
 same loaded machine); a cached build loads in well under a second. Cached per source + flags + torch
