@@ -123,6 +123,9 @@ class KVStore:
 
         block_ids: [n] int64; key_bits, value_bits: [n, block_size]. Blocks that are already sealed
         or have no staging (never written here) are skipped. Returns the number sealed.
+        Pages are encoded by the compiled encoder of attention/ops/cpu.py, from staging straight into
+        each layer's rows, where it builds (~8x faster), else by the torch codec (its oracle): the
+        same bytes.
         """
         open_ = (~self.sealed[block_ids]) & (self.staging.slot_of_block[block_ids] >= 0)
         if not open_.all():
@@ -130,12 +133,22 @@ class KVStore:
         block_ids, key_bits, value_bits = block_ids[open_], key_bits[open_], value_bits[open_]
         if block_ids.numel() == 0:
             return 0
+        library = cpu.library()
+        slots = self.staging.slot_of_block[block_ids]
         for layer in range(self.num_layers):
-            key, value = self.staging.read(layer, block_ids)
-            key = key.clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
-            value = value.clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
-            self.pages[layer][block_ids] = self.codec.encode(key, value, key_bits, value_bits)
+            if library is not None:  # reads staging and writes the page rows in place
+                cpu.encode_pages(
+                    self.staging.key[layer], self.staging.value[layer], key_bits, value_bits, self.layout,
+                    self.dtype, self.rotate_keys, library, slots=slots, clamp=MAX_QUANTIZED_ABS,
+                    out=self.pages[layer], block_ids=block_ids,
+                )  # fmt: skip
+            else:
+                key, value = self.staging.read(layer, block_ids)
+                key = key.clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
+                value = value.clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
+                self.pages[layer][block_ids] = self.codec.encode(key, value, key_bits, value_bits)
         self.sealed[block_ids] = True
+        self._plan = None  # it may name the released slots
         self.staging.release(block_ids.tolist())
         return int(block_ids.numel())
 

@@ -1,9 +1,10 @@
 // The store's per-step quantization-error feature, fused: for every row of y, the relative L2 error
 // ||y - q_p(y)|| / max(||y||, 1e-6) at each precision p, with the page quantizer (asymmetric
 // round-to-nearest per group, fp16 min rounded down and fp16 scale rounded up, widened once more
-// when min + scale * top falls short of the max). Oracle: quant/reference.py::relative_errors,
-// which computes the same thing with ~8 full-size torch temporaries per precision; here one pass
-// per row keeps the group in registers (~10x less time for a 512-token prefill step).
+// when min + scale * top falls short of the max: cpu_quant.h, shared with the page encoder).
+// Oracle: quant/reference.py::relative_errors, which computes the same thing with ~8 full-size
+// torch temporaries per precision; here one pass per row keeps the group in registers (~10x less
+// time for a 512-token prefill step).
 //
 // The caller clamps and rotates y (a GEMM torch does well); this file does the rest. Products are
 // not contracted into FMAs (fp-contract=off), so every step rounds as the oracle's torch ops do.
@@ -12,41 +13,14 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+
+#include "cpu_quant.h"
 
 namespace {
 
-uint16_t half_bits(_Float16 h) {
-  uint16_t b;
-  std::memcpy(&b, &h, sizeof b);
-  return b;
-}
-
-_Float16 from_bits(uint16_t b) {
-  _Float16 h;
-  std::memcpy(&h, &b, sizeof h);
-  return h;
-}
-
-// torch.nextafter(h, +-inf) for a finite fp16 h.
-_Float16 next_half(_Float16 h, bool up) {
-  const uint16_t b = half_bits(h);
-  const bool negative = b & 0x8000;
-  if ((b & 0x7fff) == 0) return from_bits(up ? 0x0001 : 0x8001);  // +-0 -> smallest subnormal
-  return from_bits(negative == up ? b - 1 : b + 1);                // toward zero : away from zero
-}
-
-// reference._outward_fp16: v rounded to fp16 so that the result is <= v (down) or >= v (up).
-__attribute__((optimize("fp-contract=off"))) float outward_half(float v, bool up) {
-  _Float16 h = static_cast<_Float16>(v);  // round to nearest even
-  const float f = static_cast<float>(h);
-  if (up ? f < v : f > v) h = next_half(h, up);
-  return static_cast<float>(h);
-}
-
 constexpr int kMaxPrecisions = 8;
 
-__attribute__((optimize("fp-contract=off"))) void row_errors(const float* y, int64_t d, int64_t group, const int64_t* tops, int num_p, float* out) {
+ADAKV_EXACT void row_errors(const float* y, int64_t d, int64_t group, const int64_t* tops, int num_p, float* out) {
   float err2[kMaxPrecisions] = {};
   float norm2 = 0.f;
   for (int64_t g0 = 0; g0 < d; g0 += group) {
@@ -57,18 +31,14 @@ __attribute__((optimize("fp-contract=off"))) void row_errors(const float* y, int
       hi = x[i] > hi ? x[i] : hi;
       norm2 += x[i] * x[i];
     }
-    const float low = outward_half(lo, false);
+    const float low = static_cast<float>(adakv::group_min(lo));
     for (int p = 0; p < num_p; ++p) {
       const float top = static_cast<float>(tops[p]);
-      float scale = outward_half((hi - low) / top, true);
-      if (low + scale * top < hi) scale = static_cast<float>(next_half(static_cast<_Float16>(scale), true));
+      const float scale = static_cast<float>(adakv::group_scale(hi, low, top));
       const float safe = scale > 0.f ? scale : 1.f;
       float acc = 0.f;
       for (int64_t i = 0; i < group; ++i) {
-        // rint: round half to even in the default rounding mode, as torch.round; inlined (roundps)
-        float code = std::rint((x[i] - low) / safe);
-        code = code < 0.f ? 0.f : (code > top ? top : code);
-        const float e = code * scale + low - x[i];
+        const float e = adakv::group_code(x[i], low, safe, top) * scale + low - x[i];
         acc += e * e;
       }
       err2[p] += acc;

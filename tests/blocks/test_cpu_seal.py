@@ -1,0 +1,323 @@
+"""The compiled page encoder (attention/ops/cpu_seal.cpp) against its oracle PageCodec.encode
+(itself tested against quant.reference.pack_page): the same bytes (torch.equal), the same errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from adakv_vllm.attention.ops import cpu
+from adakv_vllm.blocks.paging import PageCodec
+from adakv_vllm.blocks.store import KVStore
+from adakv_vllm.quant import format as fmt
+from adakv_vllm.quant.precision import ALL_BITS
+from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    block_size: int = 32
+    num_kv_heads: int = 3
+    head_size: int = 64
+    group_size: int = 32
+    target: float = 4.0  # page budget, average bits
+    bits: str = "mixed"  # "mixed" (2/4/8/16, key and value independent, fitting the page) or one of ALL_BITS
+
+
+CASES = [
+    Case("smollm2"),
+    Case("all_2_bit", target=2, bits="2"),
+    Case("all_4_bit", bits="4"),
+    Case("all_8_bit", target=8, bits="8"),
+    Case("all_16_bit", target=16, bits="16"),
+    Case("one_kv_head_group_16", block_size=16, num_kv_heads=1, group_size=16, target=3),
+    Case("odd_block_head_80", block_size=17, num_kv_heads=2, head_size=80, group_size=16, target=8),
+    Case("head_128_group_64", block_size=16, num_kv_heads=4, head_size=128, group_size=64, target=2.5),
+    Case("head_128_group_32", block_size=32, num_kv_heads=2, head_size=128, group_size=32, target=5),
+    Case("head_64_group_64", block_size=16, head_size=64, group_size=64, target=6),
+]
+
+
+@pytest.fixture(scope="module")
+def module():
+    return cpu.build()
+
+
+def _layout(case: Case) -> fmt.PageLayout:
+    record = fmt.RecordLayout(case.head_size, case.group_size)
+    page_bytes = fmt.page_bytes_for_target(
+        case.block_size, case.num_kv_heads, record, case.target, case.target
+    )
+    return fmt.PageLayout(case.block_size, case.num_kv_heads, record, page_bytes)
+
+
+def _bits(case: Case, layout: fmt.PageLayout, n: int, gen: torch.Generator):
+    """[n, block_size] key and value bits that fit the page: sample, then lower tokens until they fit."""
+    t = layout.block_size
+    if case.bits != "mixed":
+        b = torch.full((n, t), int(case.bits))
+        return b, b.clone()
+    choices = torch.tensor(ALL_BITS)
+    kb = choices[torch.randint(0, len(ALL_BITS), (n, t), generator=gen)]
+    vb = choices[torch.randint(0, len(ALL_BITS), (n, t), generator=gen)]
+    for i in range(n):
+        pos = 0
+        while not layout.fits(kb[i], vb[i]):
+            part = kb if pos // t % 2 == 0 else vb
+            part[i, pos % t] = 2
+            pos += 1
+    return kb, vb
+
+
+def _kv(n: int, layout: fmt.PageLayout, dtype: torch.dtype, gen: torch.Generator):
+    """[n, block_size, H, D] keys (with outlier channels, as real keys have) and values."""
+    shape = (n, layout.block_size, layout.num_kv_heads, layout.record.head_size)
+    key = torch.randn(*shape, generator=gen) * torch.linspace(0.1, 8, shape[-1])
+    return key.to(dtype), torch.randn(*shape, generator=gen).to(dtype)
+
+
+def _adversarial(key: torch.Tensor, value: torch.Tensor, group: int, rotate_keys: bool) -> None:
+    """Write the quantizer's edge cases into the first pages, in place (both tensors [n, T, H, D])."""
+    key[0, 0] = 1.5  # constant groups: an fp16 number, reconstructed exactly
+    value[0, 0] = 1.0 / 3.0  # constant, not an fp16 number: the outward min and the widened scale
+    key[0, 1] = 0.0  # an all-zero record
+    value[0, 1, :, :group] = 0.0  # an all-zero group beside a random one
+    value[0, 2, :, :4] = MAX_QUANTIZED_ABS  # the quantizable limit, both signs
+    value[0, 2, :, 4:8] = -MAX_QUANTIZED_ABS
+    key[0, 2, :, :4] = MAX_QUANTIZED_ABS / (4 if rotate_keys else 1)  # rotated, it must stay in range
+    ties = torch.arange(group, dtype=torch.float32) % 7 * 0.5  # 0 .. 3 in half steps: 2-bit ties
+    key[0, 3] = ties.repeat(key.shape[-1] // group)
+    value[0, 3] = (ties * 1024 - 8).repeat(key.shape[-1] // group)
+    value[0, 4] = torch.arange(key.shape[-1]) * 0.5 - 7  # 4- and 8-bit ties across groups
+    key[0, 5] = 2.0**-20 * torch.arange(key.shape[-1])  # tiny ranges: subnormal fp16 scales
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("rotate_keys", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pages_equal_the_codec(module, case, rotate_keys, dtype):
+    layout = _layout(case)
+    gen = torch.Generator().manual_seed(CASES.index(case))
+    n = 5
+    key, value = _kv(n, layout, dtype, gen)
+    if layout.block_size >= 6:
+        _adversarial(key, value, case.group_size, rotate_keys)
+    kb, vb = _bits(case, layout, n, gen)
+    codec = PageCodec(layout, dtype, rotate_keys)
+    expected = codec.encode(key, value, kb, vb)
+    pages = cpu.encode_pages(key, value, kb, vb, layout, dtype, rotate_keys, module)
+    assert torch.equal(pages, expected)
+    k1, v1, kb1, vb1 = codec.decode(pages)  # and so decode(encode) round-trips as the codec's
+    k0, v0, _, _ = codec.decode(expected)
+    assert torch.equal(k1, k0) and torch.equal(v1, v0)
+    assert torch.equal(kb1, kb) and torch.equal(vb1, vb)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7])
+def test_partial_blocks(module, num_tokens):
+    """Fewer tokens than block_size, as the codec allows: bit map bytes past them stay zero."""
+    layout = _layout(Case("partial", block_size=16, target=16))
+    gen = torch.Generator().manual_seed(num_tokens)
+    key, value = (x[:, :num_tokens] for x in _kv(3, layout, torch.bfloat16, gen))
+    kb, vb = (b[:, :num_tokens] for b in _bits(Case("partial"), layout, 3, gen))
+    expected = PageCodec(layout, torch.bfloat16, True).encode(key, value, kb, vb)
+    assert torch.equal(cpu.encode_pages(key, value, kb, vb, layout, torch.bfloat16, True, module), expected)
+
+
+def test_single_row_classes_take_the_codecs_gemm(module):
+    """A precision class of 1-3 keys: torch's matmul rounds such a call's rows differently from a
+    batch's at head_size 128, so the rotation must be done per class exactly as the codec does it."""
+    layout = _layout(Case("small_classes", block_size=16, num_kv_heads=1, head_size=128, target=16))
+    gen = torch.Generator().manual_seed(0)
+    key, value = _kv(2, layout, torch.float16, gen)
+    kb = torch.full((2, 16), 16)
+    kb[0, 3], kb[1, 5], kb[1, 9], kb[1, 12] = 2, 4, 8, 8
+    expected = PageCodec(layout, torch.float16, True).encode(key, value, kb, kb)
+    assert torch.equal(cpu.encode_pages(key, value, kb, kb, layout, torch.float16, True, module), expected)
+
+
+def test_in_place_reads_slots_and_writes_strided_rows(module):
+    """KVStore.seal's form: pages read from shuffled staging slots, clamped, written into shuffled
+    rows of a tensor whose rows are strided; other rows and the row padding stay untouched."""
+    case = Case("in_place", target=8)
+    layout = _layout(case)
+    gen = torch.Generator().manual_seed(3)
+    staging_key, staging_value = _kv(9, layout, torch.bfloat16, gen)
+    staging_key[2, 0, 0, :3] = torch.tensor([1e5, float("inf"), -float("inf")])  # clamped away
+    staging_value[4, 1, 1, 5] = -3e6
+    slots = torch.tensor([4, 2, 7, 0])
+    kb, vb = _bits(case, layout, 4, gen)
+    kb[0, 1] = 16  # a clamped value in a 16-bit record
+    assert layout.fits(kb[0], vb[0])
+    rows = torch.tensor([5, 1, 9, 2])
+    storage = torch.randint(0, 256, (12, layout.page_bytes + 48), dtype=torch.uint8, generator=gen)
+    out = storage[:, : layout.page_bytes]  # stride(0) = page_bytes + 48
+    before = storage.clone()
+    clamp = MAX_QUANTIZED_ABS
+    cpu.encode_pages(
+        staging_key, staging_value, kb, vb, layout, torch.bfloat16, True, module,
+        slots=slots, clamp=clamp, out=out, block_ids=rows,
+    )  # fmt: skip
+    expected = PageCodec(layout, torch.bfloat16, True).encode(
+        staging_key[slots].clamp(-clamp, clamp), staging_value[slots].clamp(-clamp, clamp), kb, vb
+    )
+    assert torch.equal(out[rows], expected)
+    untouched = torch.ones(12, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(storage[untouched], before[untouched])
+    assert torch.equal(storage[:, layout.page_bytes :], before[:, layout.page_bytes :])
+
+
+def test_zeros_of_both_signs_decode_alike(module):
+    """The one known byte difference: a group whose min (or max) is a zero present with both signs.
+    torch's amin/amax return either sign depending on their vector reduction order; the kernel takes
+    the first it meets. Only that fp16 sign bit differs, and the decoded values are identical."""
+    layout = _layout(Case("signed_zeros", block_size=16, num_kv_heads=1, target=16))
+    gen = torch.Generator().manual_seed(5)
+    key = torch.rand(1, 16, 1, 64, generator=gen)
+    key[key < 0.3] = 0.0  # a zero min in most groups, of either sign:
+    key[..., 1::3] = torch.where(key[..., 1::3] == 0, -0.0, key[..., 1::3])
+    key = key.bfloat16()
+    bits = torch.full((1, 16), 4)
+    codec = PageCodec(layout, torch.bfloat16)
+    expected = codec.encode(key, key, bits, bits)
+    pages = cpu.encode_pages(key, key, bits, bits, layout, torch.bfloat16, False, module)
+    differ = (pages != expected).nonzero()[:, 1]
+    assert all(int(pages[0, j] ^ expected[0, j]) == 0x80 for j in differ)  # fp16 sign bits only
+    for a, b in zip(codec.decode(pages), codec.decode(expected), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_budget_and_bits_errors_write_nothing(module):
+    layout = _layout(Case("budget", target=4))
+    kv = torch.zeros(2, 32, 3, 64, dtype=torch.bfloat16)
+    out = torch.full((4, layout.page_bytes), 7, dtype=torch.uint8)
+    rows = torch.tensor([1, 3])
+    over = torch.full((2, 32), 8)
+    with pytest.raises(ValueError, match="bits exceed the page budget"):
+        PageCodec(layout, torch.bfloat16).encode(kv, kv, over, over)
+    with pytest.raises(ValueError, match="bits exceed the page budget"):
+        cpu.encode_pages(kv, kv, over, over, layout, torch.bfloat16, True, module, out=out, block_ids=rows)
+    odd = torch.full((2, 32), 2)
+    odd[1, 4] = 3
+    with pytest.raises(ValueError, match="bits must be in"):
+        cpu.encode_pages(kv, kv, odd, odd, layout, torch.bfloat16, False, module, out=out, block_ids=rows)
+    fits = torch.full((2, 32), 2)
+    bad_rows = [(torch.tensor([0, 2]), rows), (None, torch.tensor([3, 3])), (None, torch.tensor([0, 4]))]
+    for slots, block_ids in bad_rows:  # slot 2 of 2, a repeated row, row 4 of 4
+        with pytest.raises(ValueError, match="slots must be rows"):
+            cpu.encode_pages(
+                kv, kv, fits, fits, layout, torch.bfloat16, False, module,
+                slots=slots, out=out, block_ids=block_ids,
+            )  # fmt: skip
+    assert (out == 7).all()
+
+
+def test_value_errors_as_the_codec(module):
+    layout = _layout(Case("values", target=16))
+    kv = torch.ones(1, 32, 3, 64, dtype=torch.bfloat16)
+    bits = torch.full((1, 32), 4)
+    for bad, match in ((float("nan"), "NaN or inf"), (float("inf"), "NaN or inf"), (4e4, "beyond")):
+        x = kv.clone()
+        x[0, 3, 1, 7] = bad
+        for encode in (
+            lambda x=x: PageCodec(layout, torch.bfloat16).encode(x, kv, bits, bits),
+            lambda x=x: cpu.encode_pages(x, kv, bits, bits, layout, torch.bfloat16, False, module),
+        ):
+            with pytest.raises(ValueError, match=match):
+                encode()
+    # 16-bit records accept any finite value, and clamp turns inf into the bound (torch.clamp)
+    x = kv.clone()
+    x[0, 3, 1, 7] = float("inf")
+    wide = torch.full((1, 32), 16)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        cpu.encode_pages(x, kv, wide, wide, layout, torch.bfloat16, False, module)
+    pages = cpu.encode_pages(
+        x, kv, wide, wide, layout, torch.bfloat16, False, module, clamp=MAX_QUANTIZED_ABS
+    )
+    expected = PageCodec(layout, torch.bfloat16).encode(
+        x.clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS), kv, wide, wide
+    )
+    assert torch.equal(pages, expected)
+    # rotation can carry a clamped key beyond the quantizable range: both refuse it
+    big = torch.full((1, 32, 3, 64), MAX_QUANTIZED_ABS, dtype=torch.bfloat16)
+    for encode in (
+        lambda: PageCodec(layout, torch.bfloat16, True).encode(big, kv, bits, bits),
+        lambda: cpu.encode_pages(big, kv, bits, bits, layout, torch.bfloat16, True, module),
+    ):
+        with pytest.raises(ValueError, match="beyond"):
+            encode()
+
+
+def test_bad_arguments_raise(module):
+    layout = _layout(Case("args"))
+    kv = torch.zeros(2, 32, 3, 64, dtype=torch.bfloat16)
+    bits = torch.full((2, 32), 2)
+    with pytest.raises(ValueError, match="storage_dtype"):
+        cpu.encode_pages(kv.half(), kv.half(), bits, bits, layout, torch.bfloat16, False, module)
+    with pytest.raises(ValueError, match="key/value must be"):
+        cpu.encode_pages(kv[..., :32], kv[..., :32], bits, bits, layout, torch.bfloat16, False, module)
+    with pytest.raises(ValueError, match="num_tokens"):
+        cpu.encode_pages(kv, kv, bits[:, :0], bits[:, :0], layout, torch.bfloat16, False, module)
+    with pytest.raises(ValueError, match="out must be"):
+        out = torch.zeros(2, layout.page_bytes - 1, dtype=torch.uint8)
+        cpu.encode_pages(
+            kv, kv, bits, bits, layout, torch.bfloat16, False, module, out=out, block_ids=bits[:, 0]
+        )
+    with pytest.raises(ValueError, match="clamp must be exactly representable"):
+        cpu.encode_pages(kv, kv, bits, bits, layout, torch.bfloat16, False, module, clamp=1000.5)
+
+
+def test_threads_do_not_change_the_bytes(module):
+    case = Case("threads", block_size=16)
+    layout = _layout(case)
+    gen = torch.Generator().manual_seed(11)
+    key, value = _kv(7, layout, torch.bfloat16, gen)
+    kb, vb = _bits(case, layout, 7, gen)
+    threads = torch.get_num_threads()
+    try:
+        pages = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            pages.append(cpu.encode_pages(key, value, kb, vb, layout, torch.bfloat16, False, module))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(pages[0], pages[1]) and torch.equal(pages[0], pages[2])
+
+
+def _sealed_store(rotate: bool, seed: int = 0) -> KVStore:
+    """A 3-layer store with rows strided like vLLM's, 6 blocks written (outliers beyond the
+    quantizable range included) and 5 of them sealed at mixed bits, in a shuffled order."""
+    case = Case("store", block_size=16)
+    layout = _layout(case)
+    num_layers, num_blocks = 3, 10
+    store = KVStore(layout, num_layers, num_blocks, torch.bfloat16, rotate, max_staging_slots=8)
+    for layer in range(num_layers):
+        store.bind(
+            layer, torch.zeros(num_blocks, layout.page_bytes + 32, dtype=torch.uint8)[:, : layout.page_bytes]
+        )
+    gen = torch.Generator().manual_seed(seed)
+    blocks = [7, 2, 9, 0, 4, 5]
+    slots = torch.tensor([b * 16 + i for b in blocks for i in range(16)])
+    store.begin_step()
+    for layer in range(num_layers):
+        key = torch.randn(len(slots), 3, 64, generator=gen) * 4
+        key[5, 1, 3] = 1e6  # clamped to the quantizable range before sealing
+        store.write(layer, slots, key.bfloat16(), torch.randn(len(slots), 3, 64, generator=gen).bfloat16())
+    kb, vb = _bits(case, layout, 5, gen)
+    assert store.seal(torch.tensor(blocks[:5]), kb, vb) == 5
+    return store
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_store_seal_with_the_kernel_equals_the_torch_codec(monkeypatch, rotate):
+    assert cpu.library() is not None
+    compiled = _sealed_store(rotate)
+    monkeypatch.setattr(cpu, "library", lambda: None)  # no compiler here: the torch codec
+    fallback = _sealed_store(rotate)
+    for layer in range(3):
+        assert torch.equal(compiled.pages[layer], fallback.pages[layer])
+    assert torch.equal(compiled.sealed, fallback.sealed)
