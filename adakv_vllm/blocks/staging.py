@@ -23,9 +23,8 @@ class StagingFullError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class WritePlan:
-    valid: torch.Tensor  # [T] bool, the non-padding tokens
-    staging_slots: torch.Tensor  # [V] int64, each valid token's staging slot
-    offsets: torch.Tensor  # [V] int64, its position in the block
+    valid: torch.Tensor | None  # [T] bool, the non-padding tokens; None: all of them
+    rows: torch.Tensor  # [V] int64, each valid token's row in a layer's [slots * block_size] view
 
 
 class StagingArea:
@@ -92,14 +91,19 @@ class StagingArea:
         """Where the tokens of `slot_mapping` ([T] int64 vLLM slots, -1 = padding) go, allocating
         slots for blocks that have none. Every layer of a step writes the same slots: plan once."""
         valid = slot_mapping >= 0
-        slots = slot_mapping[valid]
+        everything = bool(valid.all())
+        slots = slot_mapping if everything else slot_mapping[valid]
         blocks, offsets = slots // self.block_size, slots % self.block_size
-        return WritePlan(valid, self.assign(blocks), offsets)
+        rows = self.assign(blocks) * self.block_size + offsets
+        return WritePlan(None if everything else valid, rows)
 
     def write_planned(self, layer: int, plan: WritePlan, key: torch.Tensor, value: torch.Tensor) -> None:
         """key, value: [T, num_kv_heads, head_size], the rows of the planned slot_mapping."""
-        self.key[layer, plan.staging_slots, plan.offsets] = key[plan.valid].to(self.dtype)
-        self.value[layer, plan.staging_slots, plan.offsets] = value[plan.valid].to(self.dtype)
+        if plan.valid is not None:
+            key, value = key[plan.valid], value[plan.valid]
+        shape = (-1, self.num_kv_heads, self.head_size)
+        self.key[layer].view(shape).index_copy_(0, plan.rows, key.to(self.dtype))
+        self.value[layer].view(shape).index_copy_(0, plan.rows, value.to(self.dtype))
 
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """slot_mapping: [T] int64 vLLM slots (-1 = padding); key, value: [T, num_kv_heads, head_size]."""
