@@ -6,7 +6,8 @@
   cpu_seal.cpp    the store's page encoder (`encode_pages`, oracle: blocks.paging.PageCodec.encode),
                   the codec's bytes; KVStore.seal takes ~8x less time with it (~16x without
                   rotate_keys: the rotation GEMMs, the codec's own, are half of what remains).
-  cpu_quant.h     the quantizer's rounding steps, shared by cpu_qerr.cpp and cpu_seal.cpp.
+  cpu_quant.h     the quantizer's rounding steps, shared by cpu_qerr.cpp and cpu_seal.cpp;
+  cpu_layout.h    the page-format numbers from quant.format, read alike by the reader and the writer.
 
 `paged_attention(...)` computes `attention/ops/torch_ref.py`'s contract straight from the packed
 pages (no dequantized copy of the context): causal, any query_len, GQA, mixed 2/4/8/16-bit records,
@@ -68,7 +69,8 @@ logger = logging.getLogger("vllm.adakv.cpu")
 
 # One library: the fused decode attention, the store's quantization-error feature and page encoder.
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode.cpp", "cpu_qerr.cpp", "cpu_seal.cpp"))
-HEADERS = (Path(__file__).with_name("cpu_quant.h"),)  # part of the build key, not compiled alone
+# part of the build key, not compiled alone
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_layout.h", "cpu_quant.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
 QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -47,6 +47,8 @@
 #include <memory>
 #include <vector>
 
+#include "cpu_layout.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define ADAKV_AVX512 1
 #include <immintrin.h>
@@ -54,19 +56,17 @@
 
 namespace {
 
-constexpr int kNumCodes = 4;  // precision codes 0..3 = 2/4/8/16 bits (format.py / precision.py)
+constexpr int kNumCodes = adakv::kPrecisionCodes;  // codes 0..3 = 2/4/8/16 bits (format.py / precision.py)
 constexpr int kFp16Code = 3;  // the verbatim 16-bit precision
 constexpr int kMaxBlockSize = 1024;
 constexpr int kMaxHeadSize = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Sizes from quant/format.py, never derived here (see cpu.py: layout_numbers).
-struct Layout {
-  int block_size, head_size, group_size, num_groups, header_bytes, num_kv_heads;
+struct Layout : adakv::PageNumbers {
+  int head_size, num_groups, num_kv_heads;
   int chunk_shift;  // log2(group_size / 16): the group of 16-element chunk c is c >> chunk_shift
-  int64_t page_bytes, page_stride;
-  int record_bytes[kNumCodes], scales_offset[kNumCodes], mins_offset[kNumCodes], bits[kNumCodes];
-  bool storage_bf16;
+  int64_t page_stride;
 };
 
 // Decoder kinds: 0/1/2 = 2/4/8-bit codes, 3 = bf16, 4 = fp16.
@@ -762,17 +762,7 @@ std::vector<int64_t> read_index(const void* p, bool i64, int64_t n) {
 int run(const Args& a) {
   Problem P;
   Layout& L = P.L;
-  L.block_size = static_cast<int>(a.layout[0]);
-  L.group_size = static_cast<int>(a.layout[1]);
-  L.header_bytes = static_cast<int>(a.layout[2]);
-  L.page_bytes = a.layout[3];
-  L.storage_bf16 = a.layout[4] != 0;
-  for (int c = 0; c < kNumCodes; ++c) {
-    L.record_bytes[c] = static_cast<int>(a.layout[5 + c]);
-    L.scales_offset[c] = static_cast<int>(a.layout[9 + c]);
-    L.mins_offset[c] = static_cast<int>(a.layout[13 + c]);
-    L.bits[c] = static_cast<int>(a.layout[17 + c]);
-  }
+  static_cast<adakv::PageNumbers&>(L) = adakv::read_page_numbers(a.layout);
   L.head_size = static_cast<int>(a.head_size);
   L.num_kv_heads = static_cast<int>(a.num_kv_heads);
   L.page_stride = a.page_stride;

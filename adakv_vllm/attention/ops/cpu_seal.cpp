@@ -48,11 +48,12 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_layout.h"
 #include "cpu_quant.h"
 
 namespace {
 
-constexpr int kNumCodes = 4;  // precision codes 0..3 = 2/4/8/16 bits (format.py / precision.py)
+constexpr int kNumCodes = adakv::kPrecisionCodes;  // codes 0..3 = 2/4/8/16 bits (format.py / precision.py)
 constexpr int kFp16Code = 3;  // the verbatim 16-bit precision
 constexpr int kMaxHeadSize = 256;
 constexpr int kMinGroupSize = 16;  // format.SUPPORTED_GROUP_SIZES
@@ -86,11 +87,8 @@ struct SealArgs {
 };
 
 // Sizes from quant/format.py, never derived here.
-struct Layout {
-  int block_size, group_size, header_bytes, head_size, num_groups, num_kv_heads, num_tokens;
-  int64_t page_bytes;
-  int record_bytes[kNumCodes], scales_offset[kNumCodes], mins_offset[kNumCodes], bits[kNumCodes];
-  bool storage_bf16;
+struct Layout : adakv::PageNumbers {
+  int head_size, num_groups, num_kv_heads, num_tokens;
 };
 
 // What the serial pass learns about one page.
@@ -271,17 +269,7 @@ void write_header(const Layout& L, const PagePlan& plan, const uint8_t* codes) {
 // ---- the serial pass ---------------------------------------------------------------------------
 
 int read_layout(const SealArgs& a, Layout& L) {
-  L.block_size = static_cast<int>(a.layout[0]);
-  L.group_size = static_cast<int>(a.layout[1]);
-  L.header_bytes = static_cast<int>(a.layout[2]);
-  L.page_bytes = a.layout[3];
-  L.storage_bf16 = a.layout[4] != 0;
-  for (int c = 0; c < kNumCodes; ++c) {
-    L.record_bytes[c] = static_cast<int>(a.layout[5 + c]);
-    L.scales_offset[c] = static_cast<int>(a.layout[9 + c]);
-    L.mins_offset[c] = static_cast<int>(a.layout[13 + c]);
-    L.bits[c] = static_cast<int>(a.layout[17 + c]);
-  }
+  static_cast<adakv::PageNumbers&>(L) = adakv::read_page_numbers(a.layout);
   L.head_size = static_cast<int>(a.head_size);
   L.num_kv_heads = static_cast<int>(a.num_kv_heads);
   L.num_tokens = static_cast<int>(a.num_tokens);
