@@ -28,7 +28,7 @@ from vllm import _custom_ops as ops
 from vllm.config import set_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata, _get_attn_isa
 
-from adakv_vllm.attention.backend import gather_scratch
+from adakv_vllm.attention.backend import gather_scratch, scheduler_metadata
 from adakv_vllm.attention.ops import cpu
 from adakv_vllm.blocks.paging import PageCodec
 from adakv_vllm.blocks.spec import page_layout
@@ -44,19 +44,7 @@ def metadata(
 ) -> CPUAttentionMetadata:
     b = seq_lens.numel()
     query_start_loc = torch.arange(b + 1, dtype=torch.int32) * q_len
-    sched = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=b,
-        num_heads=NUM_HEADS,
-        num_kv_heads=NUM_KV_HEADS,
-        head_dim=HEAD_SIZE,
-        seq_lens=seq_lens,
-        dtype=DTYPE,
-        query_start_loc=query_start_loc,
-        causal=True,
-        sliding_window_size=-1,
-        isa=isa,
-        enable_kv_split=True,
-    )
+    sched = scheduler_metadata(NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, DTYPE, isa, seq_lens, query_start_loc)
     return CPUAttentionMetadata(
         num_actual_tokens=b * q_len,
         max_query_len=q_len,

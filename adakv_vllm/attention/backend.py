@@ -204,19 +204,8 @@ def _split(md: CPUAttentionMetadata, num_heads, num_kv_heads, head_size, dtype, 
         seq_lens = md.seq_lens[seqs]
         scheduler = None
         if with_scheduler:  # vLLM's kernel plans its work over the batch it is given
-            scheduler = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=seqs.numel(),
-                num_heads=num_heads,
-                num_kv_heads=num_kv_heads,
-                head_dim=head_size,
-                seq_lens=seq_lens,
-                dtype=dtype,
-                query_start_loc=sub_qsl,
-                causal=md.causal,
-                sliding_window_size=-1,
-                isa=isa,
-                enable_kv_split=vllm_envs.VLLM_CPU_ATTN_SPLIT_KV,
-            )
+            shape = (num_heads, num_kv_heads, head_size, dtype, isa)
+            scheduler = scheduler_metadata(*shape, seq_lens, sub_qsl, md.causal)
         sub = dataclasses.replace(
             md,
             num_actual_tokens=rows.numel(),
@@ -233,6 +222,26 @@ def _split(md: CPUAttentionMetadata, num_heads, num_kv_heads, head_size, dtype, 
     decode, decode_rows = part(is_decode, with_scheduler=False)
     prefill, prefill_rows = part(~is_decode, with_scheduler=True)
     return StepSplit(decode, decode_rows, prefill, prefill_rows)
+
+
+def scheduler_metadata(
+    num_heads, num_kv_heads, head_size, dtype, isa, seq_lens, query_start_loc, causal=True
+):
+    """vLLM's CPU attention work plan for a batch (what CPUAttentionMetadataBuilder.build computes),
+    for layers without sliding window; seq_lens [B], query_start_loc [B + 1]."""
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=seq_lens.numel(),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_size,
+        seq_lens=seq_lens,
+        dtype=dtype,
+        query_start_loc=query_start_loc,
+        causal=causal,
+        sliding_window_size=-1,
+        isa=isa,
+        enable_kv_split=vllm_envs.VLLM_CPU_ATTN_SPLIT_KV,
+    )
 
 
 @functools.cache

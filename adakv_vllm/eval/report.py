@@ -28,7 +28,7 @@ def _policy_differences(results: list[dict], mc: list[str]) -> list[str]:
             if c.adakv
             and c.nominal_bits == config.nominal_bits
             and c.adakv.get("policy") in ("random", "static", "rule")
-            and c.name not in (name,)
+            and c.name != name
             and c.name in by_name
         ]
         for control in controls:
@@ -50,6 +50,7 @@ def markdown(results: list[dict], settings: dict) -> str:
     by_name = {r["config"]: r for r in results}
     ref = by_name.get(REFERENCE)
     tasks = settings["tasks"]
+    mc = [t for t in tasks if t not in ("wikitext", "needle")]
     lines = [
         f"Model `{Path(settings['model']).name}`; MC tasks: first {settings['limit']} examples; WikiText-2: "
         f"{settings['wikitext_limit']} windows of {settings['wikitext_window']} tokens, second half scored. "
@@ -70,8 +71,7 @@ def markdown(results: list[dict], settings: dict) -> str:
                 f"{_fmt(*kl, digits=4)} | {100 * w['quantized_reads']:.0f}% |"
             )
         lines.append("")
-        lines += _policy_differences(results, mc=[t for t in tasks if t not in ("wikitext", "needle")])
-    mc = [t for t in tasks if t not in ("wikitext", "needle")]
+        lines += _policy_differences(results, mc)
     if mc:
         header = "| config | avg bits | " + " | ".join(f"{t} acc / acc_norm (Δ acc_norm)" for t in mc) + " |"
         lines += [header, "|---|---:|" + "---:|" * len(mc)]

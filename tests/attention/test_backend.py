@@ -11,12 +11,11 @@ import types
 
 import pytest
 import torch
-from vllm import _custom_ops as ops
 from vllm.config import set_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata, _get_attn_isa
 
 from adakv_vllm.attention import runtime
-from adakv_vllm.attention.backend import AdaKVAttentionImpl
+from adakv_vllm.attention.backend import AdaKVAttentionImpl, scheduler_metadata
 from adakv_vllm.attention.ops import cpu
 from adakv_vllm.attention.ops.torch_ref import paged_attention_ref
 from adakv_vllm.blocks.spec import page_layout
@@ -84,19 +83,7 @@ def step():
         rows = torch.cat([torch.arange(int(qsl_all[i]), int(qsl_all[i + 1])) for i in seqs])
         seq_lens = torch.tensor([MIXED[i][0] for i in seqs], dtype=torch.int32)
         qsl = torch.tensor([0] + [MIXED[i][1] for i in seqs], dtype=torch.int32).cumsum(0).to(torch.int32)
-        sched = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=len(seqs),
-            num_heads=NUM_HEADS,
-            num_kv_heads=NUM_KV_HEADS,
-            head_dim=HEAD_SIZE,
-            seq_lens=seq_lens,
-            dtype=DTYPE,
-            query_start_loc=qsl,
-            causal=True,
-            sliding_window_size=-1,
-            isa=ISA,
-            enable_kv_split=True,
-        )
+        sched = scheduler_metadata(NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, DTYPE, ISA, seq_lens, qsl)
         md = CPUAttentionMetadata(
             num_actual_tokens=rows.numel(),
             max_query_len=max(MIXED[i][1] for i in seqs),
