@@ -307,7 +307,11 @@ def test_fused_matches_stock_kernel(module):
     key[sealed], value[sealed], _, _ = codec.decode(args["pages"][sealed])
     key[~sealed] = args["staging_key"][slots[~sealed]].float()
     value[~sealed] = args["staging_value"][slots[~sealed]].float()
-    isa = cpu_attn._get_attn_isa(torch.bfloat16, bs, d)
+    # The one-ulp claim is about vLLM's fp32 vector kernel; its AMX kernel (chosen where the CPU has
+    # AMX tiles) multiplies bf16 tiles and rounds differently, so compare with the vector one.
+    isa = "vec" if torch.cpu._is_avx512_supported() and bs % 32 == 0 else cpu_attn._get_attn_isa(
+        torch.bfloat16, bs, d
+    )
     cache = torch.empty(num_blocks, h, 2 * bs, d, dtype=torch.bfloat16)
     key_cache, value_cache = cache.chunk(2, dim=2)
     ops.cpu_attn_reshape_and_cache(
