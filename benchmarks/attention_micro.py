@@ -7,7 +7,7 @@ Shape: SmolLM2-135M (9 query heads, 3 KV heads, head_size 64, bf16, block_size 3
 size, context length and bits, the blocks the step's query tokens fall in are open (FP16 staging:
 the last one for decode) and the rest are sealed pages at `bits` (static). Three paths run side by
 side on the same query:
-  fused    attention/ops/cpu.py over the packed pages (ADAKV_CPU_ATTENTION=fused)
+  fused    kernels/cpu.py over the packed pages (ADAKV_CPU_ATTENTION=fused)
   scratch  backend.gather_scratch + vLLM's CPU kernel, exactly as AdaKVAttentionImpl.forward does
   stock    CPUAttentionBackendImpl.forward over a bf16 cache of the same shape (stock vLLM)
 Each path cycles over `--layers` distinct copies of its cache (like a real step walks 30 layers), so
@@ -29,11 +29,11 @@ from vllm.config import set_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata, _get_attn_isa
 
 from adakv_vllm.attention.backend import gather_scratch, scheduler_metadata
-from adakv_vllm.attention.ops import cpu
-from adakv_vllm.blocks.paging import PageCodec
 from adakv_vllm.blocks.spec import page_layout
 from adakv_vllm.blocks.store import KVStore
 from adakv_vllm.config import AdaKVConfig
+from adakv_vllm.kernels import cpu, library
+from adakv_vllm.kernels.page_codec import PageCodec
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE, DTYPE = 9, 3, 64, 32, torch.bfloat16
 SCALE = HEAD_SIZE**-0.5
@@ -187,7 +187,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.batch, args.context, args.bits = [16], [4096], [4]
-    module = cpu.build()
+    module = library.build()
     clock = "thread CPU time" if torch.get_num_threads() == 1 else "wall time"
     print(
         f"threads={torch.get_num_threads()} ({clock}) avx512={module.has_avx512()} layers={args.layers} "

@@ -17,10 +17,10 @@ from unittest import mock
 
 import torch
 
-from adakv_vllm.attention.ops import cpu
 from adakv_vllm.blocks import planner
 from adakv_vllm.blocks.store import KVStore
 from adakv_vllm.controller.policy import BlockTokens, controller_expectations, make_policy
+from adakv_vllm.kernels import library
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import PRECISIONS
 
@@ -51,7 +51,7 @@ def worker_cost(num_tokens: int, repeats: int) -> tuple[float, float, float]:
             store.step_features()
 
     compiled = timed(lambda: step(True), repeats)
-    with mock.patch.object(cpu, "library", lambda: None):
+    with mock.patch.object(library, "load", lambda: None):
         oracle = timed(lambda: step(True), repeats)
     without = timed(lambda: step(False), repeats)
     return compiled, oracle, without

@@ -1,11 +1,11 @@
 """One prepared GPU check: both Triton kernels against the oracle on SmolLM2 shapes, then decode
 attention timed against a stock bf16 baseline, as ratios. Run it through benchmarks/gpu_check.sh.
 
-    1. seal      blocks/triton_seal.seal_pages on the GPU vs PageCodec.encode on the CPU, byte for byte
+    1. seal      kernels/triton_seal.seal_pages on the GPU vs PageCodec.encode on the CPU, byte for byte
                  (512 pages per bits config, rotate_keys off and on), and its time per page.
-    2. oracle    the dense reference used below == attention/ops/torch_ref.paged_attention_ref on a
+    2. oracle    the dense reference used below == kernels/attention_ref.paged_attention_ref on a
                  small problem (so the large checks are checks against the oracle).
-    3. decode    attention/ops/triton_decode.paged_attention_triton vs that reference, for contexts
+    3. decode    kernels/triton_decode.paged_attention_triton vs that reference, for contexts
                  1k/4k/8k x batch 1/16 x bits 2/4/8/16/mixed, last block of every sequence staged,
                  shuffled block table; timed (eager call, and CUDA-graph replay where capture works)
                  against the baseline over the same context in bf16.
@@ -62,8 +62,8 @@ def main() -> int:
         return 2
     import triton
 
-    from adakv_vllm.attention.ops.triton_decode import paged_attention_triton
-    from adakv_vllm.blocks.triton_seal import seal_pages
+    from adakv_vllm.kernels.triton_decode import paged_attention_triton
+    from adakv_vllm.kernels.triton_seal import seal_pages
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference is fp32
     torch.backends.cudnn.allow_tf32 = False
@@ -115,7 +115,7 @@ def main() -> int:
 def codec_for(bits: str, key_bits: torch.Tensor | None = None, value_bits: torch.Tensor | None = None):
     """A PageCodec whose page fits `bits`: the target size for uniform bits, else the largest page
     the given bit maps need (a budget sized to its content, as the seal planner would choose)."""
-    from adakv_vllm.blocks.paging import PageCodec
+    from adakv_vllm.kernels.page_codec import PageCodec
     from adakv_vllm.quant import format as fmt
     from adakv_vllm.quant.precision import PRECISIONS
 
@@ -224,7 +224,7 @@ def dense_reference(query, key, value, staged_key, staged_value, block_table, se
 
 def check_dense_reference_is_the_oracle() -> bool:
     """The dense reference, given codec-decoded pages, equals paged_attention_ref (CPU, small)."""
-    from adakv_vllm.attention.ops.torch_ref import paged_attention_ref
+    from adakv_vllm.kernels.attention_ref import paged_attention_ref
 
     gen = torch.Generator().manual_seed(2)
     batch, seq_len = 3, 300
@@ -254,7 +254,7 @@ class Pool:
     """Pages for max_batch sequences of max_context tokens, sealed on the GPU, decoded by the codec."""
 
     def __init__(self, bits: str, max_context: int, max_batch: int):
-        from adakv_vllm.blocks.triton_seal import seal_pages
+        from adakv_vllm.kernels.triton_seal import seal_pages
 
         gen = torch.Generator().manual_seed(3)
         self.bits = bits

@@ -1,7 +1,7 @@
 """AdaKVAttentionBackend: vLLM's CUSTOM attention slot, reading heterogeneous uint8 pages.
 
 Writes go to FP16 staging (`do_kv_cache_update`). Reads take one of two paths, chosen per sequence:
-  fused    decode rows (query_len == 1): the C++ kernel of attention/ops/cpu.py reads the packed
+  fused    decode rows (query_len == 1): the C++ kernel of kernels/cpu.py reads the packed
            pages and staging in place (ADAKV_CPU_ATTENTION=auto|fused).
   scratch  prefill rows (query_len > 1: prefill, chunked prefill), or every row with
            ADAKV_CPU_ATTENTION=scratch: gather the blocks those sequences need -- sealed pages
@@ -35,8 +35,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from adakv_vllm import envs
 from adakv_vllm.attention import runtime
-from adakv_vllm.attention.ops import cpu as cpu_ops
 from adakv_vllm.blocks import spec as spec_glue
+from adakv_vllm.kernels import cpu as cpu_ops
+from adakv_vllm.kernels import library
 
 logger = logging.getLogger("vllm.adakv.cpu")
 
@@ -81,7 +82,7 @@ class AdaKVAttentionImpl(CPUAttentionBackendImpl):
             and self.sinks is None
         )
         # Resolved (and JIT-built on first use on this machine) now, not in the first decode step.
-        self._fused = cpu_ops.fused_kernel() if plain else None
+        self._fused = library.fused_kernel() if plain else None
 
     def _index(self, layer) -> int:
         if self._layer_index is None:

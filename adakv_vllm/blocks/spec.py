@@ -23,11 +23,8 @@ def page_layout(block_size: int, num_kv_heads: int, head_size: int, cfg: AdaKVCo
     return fmt.PageLayout(block_size, num_kv_heads, record, per_head_token * num_kv_heads * block_size)
 
 
-def layout_of_spec(spec) -> fmt.PageLayout:
+def layout_of_spec(spec, cfg: AdaKVConfig) -> fmt.PageLayout:
     """The PageLayout of an already customised vLLM AttentionSpec (scheduler and worker side)."""
-    from adakv_vllm.attention import runtime
-
-    cfg = runtime.config()
     layout = page_layout(spec.block_size, spec.num_kv_heads, spec.head_size, cfg)
     if spec.dtype != torch.uint8 or layout.page_bytes != spec.page_size_bytes:
         # Our backend's customize_spec did not shape this KV cache: AdaKV is asked for but not active.

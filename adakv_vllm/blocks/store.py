@@ -15,9 +15,9 @@ import logging
 
 import torch
 
-from adakv_vllm.attention.ops import cpu
-from adakv_vllm.blocks.paging import PageCodec
 from adakv_vllm.blocks.staging import StagingArea, WritePlan
+from adakv_vllm.kernels import cpu, library
+from adakv_vllm.kernels.page_codec import PageCodec
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import PRECISIONS
 from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, relative_errors
@@ -31,10 +31,10 @@ FEATURE_PRECISIONS = tuple(p for p in PRECISIONS if p.is_quantized)
 def _relative_errors(x: torch.Tensor, group_size: int, rotate_record: bool) -> torch.Tensor:
     """x: [T, H, D] -> [T, len(FEATURE_PRECISIONS)]: the compiled kernel (built once, on first use),
     else its torch oracle."""
-    library = cpu.library()
-    if library is None:
+    module = library.load()
+    if module is None:
         return relative_errors(x, FEATURE_PRECISIONS, group_size, rotate_record)
-    return cpu.relative_errors(x, FEATURE_PRECISIONS, group_size, rotate_record, library)
+    return cpu.relative_errors(x, FEATURE_PRECISIONS, group_size, rotate_record, module)
 
 
 class KVStore:
@@ -100,7 +100,7 @@ class KVStore:
         relative reconstruction error at 2/4/8 bits averaged over layers, heads, K and V.
 
         Computed once per step from staging for all layers together (per-layer calls cost ~15x more
-        in per-op overhead than the arithmetic), by the compiled kernel of attention/ops/cpu.py where
+        in per-op overhead than the arithmetic), by the compiled kernel of kernels/cpu.py where
         it builds (~4x faster than the torch form; benchmarks/feature_cost.py)."""
         if self._written is None:
             return None
@@ -123,7 +123,7 @@ class KVStore:
 
         block_ids: [n] int64; key_bits, value_bits: [n, block_size]. Blocks that are already sealed
         or have no staging (never written here) are skipped. Returns the number sealed.
-        Pages are encoded by the compiled encoder of attention/ops/cpu.py, from staging straight into
+        Pages are encoded by the compiled encoder of kernels/cpu.py, from staging straight into
         each layer's rows, where it builds (~8x faster), else by the torch codec (its oracle): the
         same bytes.
         """
@@ -133,13 +133,13 @@ class KVStore:
         block_ids, key_bits, value_bits = block_ids[open_], key_bits[open_], value_bits[open_]
         if block_ids.numel() == 0:
             return 0
-        library = cpu.library()
+        module = library.load()
         slots = self.staging.slot_of_block[block_ids]
         for layer in range(self.num_layers):
-            if library is not None:  # reads staging and writes the page rows in place
+            if module is not None:  # reads staging and writes the page rows in place
                 cpu.encode_pages(
                     self.staging.key[layer], self.staging.value[layer], key_bits, value_bits, self.layout,
-                    self.dtype, self.rotate_keys, library, slots=slots, clamp=MAX_QUANTIZED_ABS,
+                    self.dtype, self.rotate_keys, module, slots=slots, clamp=MAX_QUANTIZED_ABS,
                     out=self.pages[layer], block_ids=block_ids,
                 )  # fmt: skip
             else:

@@ -46,7 +46,7 @@ class AdaKVScheduler(Scheduler):
             raise RuntimeError("AdaKVScheduler started without the AdaKV plugin being asked for")
         runtime.set_config(self.adakv)
         group = self.kv_cache_config.kv_cache_groups[0]
-        self.layout = spec_glue.layout_of_spec(group.kv_cache_spec)
+        self.layout = spec_glue.layout_of_spec(group.kv_cache_spec, self.adakv)
         self.num_layers = len(group.layer_names)
         vocab_size = self.vllm_config.model_config.get_vocab_size()
         self.policy_name = resolve(self.adakv.policy, vocab_size, self.adakv.controller_weights)

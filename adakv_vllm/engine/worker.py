@@ -78,7 +78,7 @@ class AdaKVWorker(CPUWorker):
         groups = kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise ValueError(f"AdaKV supports models with one KV cache group, got {len(groups)}")
-        layout = spec_glue.layout_of_spec(groups[0].kv_cache_spec)
+        layout = spec_glue.layout_of_spec(groups[0].kv_cache_spec, self.adakv)
         model = self.vllm_config.model_config
         store = KVStore(
             layout,

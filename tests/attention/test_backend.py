@@ -16,11 +16,11 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata, _get_attn_
 
 from adakv_vllm.attention import runtime
 from adakv_vllm.attention.backend import AdaKVAttentionImpl, scheduler_metadata
-from adakv_vllm.attention.ops import cpu
-from adakv_vllm.attention.ops.torch_ref import paged_attention_ref
 from adakv_vllm.blocks.spec import page_layout
 from adakv_vllm.blocks.store import KVStore
 from adakv_vllm.config import AdaKVConfig
+from adakv_vllm.kernels import library
+from adakv_vllm.kernels.attention_ref import paged_attention_ref
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE, DTYPE = 9, 3, 64, 32, torch.bfloat16
 SCALE = HEAD_SIZE**-0.5
@@ -34,7 +34,7 @@ MIXED = [(700, 1), (300, 300), (1500, 1), (520, 37), (40, 1)]
 
 @pytest.fixture(scope="module")
 def impl():
-    if cpu.fused_kernel() is None:
+    if library.fused_kernel() is None:
         pytest.skip("the fused CPU kernel does not build here")
     config = types.SimpleNamespace(
         model_config=types.SimpleNamespace(dtype=DTYPE),

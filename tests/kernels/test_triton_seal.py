@@ -1,4 +1,4 @@
-"""The Triton sealing kernel (blocks/triton_seal.py) against PageCodec.encode: bit-exact pages.
+"""The Triton sealing kernel (kernels/triton_seal.py) against PageCodec.encode: bit-exact pages.
 
 Without a GPU the kernel runs under Triton's interpreter, in a fresh process started by
 `test_under_interpreter` (TRITON_INTERPRET must be set before anything imports triton; see
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adakv_vllm.blocks.paging import PageCodec
+from adakv_vllm.kernels.page_codec import PageCodec
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import ALL_BITS
 from adakv_vllm.quant.rotation import rotate
@@ -95,7 +95,7 @@ def _codec(case: Case) -> PageCodec:
 
 
 def _seal():
-    return importlib.import_module("adakv_vllm.blocks.triton_seal").seal_pages
+    return importlib.import_module("adakv_vllm.kernels.triton_seal").seal_pages
 
 
 @needs_kernel

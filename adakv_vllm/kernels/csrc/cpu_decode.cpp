@@ -1,10 +1,10 @@
 // Fused CPU paged attention over AdaKV's mixed-precision pages: reads the packed records in place.
 //
-// Contract: attention/ops/torch_ref.py (`paged_attention_ref`), causal, any query_len per sequence
+// Contract: kernels/attention_ref.py (`paged_attention_ref`), causal, any query_len per sequence
 // (decode is the fast case: the backend sends only pure-decode steps here).
 //
 // Layout: quant/format.py owns every size and offset; the caller passes them in `layout` (see
-// attention/ops/cpu.py). This file implements only format.py's documented packing rules:
+// kernels/cpu.py). This file implements only format.py's documented packing rules:
 //   * a page is [bit map: header_bytes][head 0 region][head 1 region]...; every region has the
 //     same size, the sum over the block's tokens of record_bytes[key code] + record_bytes[value code];
 //   * a region holds the key records then the value records, each part ordered by precision code

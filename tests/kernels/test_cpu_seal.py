@@ -1,4 +1,4 @@
-"""The compiled page encoder (attention/ops/cpu_seal.cpp) against its oracle PageCodec.encode
+"""The compiled page encoder (kernels/csrc/cpu_seal.cpp) against its oracle PageCodec.encode
 (itself tested against quant.reference.pack_page): the same bytes (torch.equal), the same errors."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from adakv_vllm.attention.ops import cpu
-from adakv_vllm.blocks.paging import PageCodec
 from adakv_vllm.blocks.store import KVStore
+from adakv_vllm.kernels import cpu, library
+from adakv_vllm.kernels.page_codec import PageCodec
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import ALL_BITS
 from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS
@@ -43,7 +43,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def module():
-    return cpu.build()
+    return library.build()
 
 
 def _layout(case: Case) -> fmt.PageLayout:
@@ -314,9 +314,9 @@ def _sealed_store(rotate: bool, seed: int = 0) -> KVStore:
 
 @pytest.mark.parametrize("rotate", [False, True])
 def test_store_seal_with_the_kernel_equals_the_torch_codec(monkeypatch, rotate):
-    assert cpu.library() is not None
+    assert library.load() is not None
     compiled = _sealed_store(rotate)
-    monkeypatch.setattr(cpu, "library", lambda: None)  # no compiler here: the torch codec
+    monkeypatch.setattr(library, "load", lambda: None)  # no compiler here: the torch codec
     fallback = _sealed_store(rotate)
     for layer in range(3):
         assert torch.equal(compiled.pages[layer], fallback.pages[layer])

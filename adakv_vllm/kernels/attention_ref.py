@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from adakv_vllm.blocks.paging import PageCodec
+from adakv_vllm.kernels.page_codec import PageCodec
 
 
 def paged_attention_ref(

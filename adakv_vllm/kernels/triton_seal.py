@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adakv_vllm.blocks.paging import PageCodec
+from adakv_vllm.kernels.page_codec import PageCodec
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import PRECISIONS, Precision
 from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, check_finite

@@ -1,4 +1,4 @@
-"""The compiled quantization-error feature (attention/ops/cpu_qerr.cpp) against its torch oracle
+"""The compiled quantization-error feature (kernels/csrc/cpu_qerr.cpp) against its torch oracle
 quant.reference.relative_errors (itself tested equal to the exact quantizer in tests/quant)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adakv_vllm.attention.ops import cpu
 from adakv_vllm.blocks import store as store_module
+from adakv_vllm.kernels import cpu, library
 from adakv_vllm.quant.precision import Precision
 from adakv_vllm.quant.reference import relative_errors
 
@@ -16,7 +16,7 @@ PRECISIONS = [Precision.parse(b) for b in (2, 4, 8)]
 
 @pytest.fixture(scope="module")
 def module():
-    return cpu.build()
+    return library.build()
 
 
 def _tokens(shape, seed):
@@ -60,6 +60,6 @@ def test_bad_arguments_raise(module):
 def test_the_store_uses_the_kernel_and_falls_back_to_torch(monkeypatch):
     x = _tokens((40, 3, 64), seed=1).bfloat16()
     compiled = store_module._relative_errors(x, 32, True)
-    monkeypatch.setattr(cpu, "library", lambda: None)  # no compiler here
+    monkeypatch.setattr(library, "load", lambda: None)  # no compiler here
     fallback = store_module._relative_errors(x, 32, True)
     torch.testing.assert_close(compiled, fallback, rtol=1e-5, atol=1e-7)

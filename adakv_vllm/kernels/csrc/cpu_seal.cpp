@@ -1,6 +1,6 @@
 // The page encoder ("seal"), compiled: blocks of 16-bit K/V -> packed mixed-precision pages.
 //
-// Contract and oracle: blocks/paging.py::PageCodec.encode (itself tested against
+// Contract and oracle: kernels/page_codec.py::PageCodec.encode (itself tested against
 // quant/reference.py::pack_page); the bytes are identical (one exception below). The layout is
 // quant/format.py's, whose sizes arrive in `layout` (cpu.py: layout_numbers); this file applies
 // only its documented rules:

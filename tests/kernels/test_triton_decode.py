@@ -1,4 +1,4 @@
-"""The Triton decode kernel (attention/ops/triton_decode.py) against the fp32 oracle paged_attention_ref.
+"""The Triton decode kernel (kernels/triton_decode.py) against the fp32 oracle paged_attention_ref.
 
 Without a GPU the kernel runs under Triton's interpreter. TRITON_INTERPRET is read when a function
 is decorated with @triton.jit, and Triton's own library functions (tl.sum, tl.max, ...) are
@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adakv_vllm.attention.ops.torch_ref import paged_attention_ref
-from adakv_vllm.blocks.paging import PageCodec
+from adakv_vllm.kernels.attention_ref import paged_attention_ref
+from adakv_vllm.kernels.page_codec import PageCodec
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import ALL_BITS
 
@@ -161,7 +161,7 @@ def _problem(case: Case, seed: int = 0):
 
 
 def _kernel():
-    return importlib.import_module("adakv_vllm.attention.ops.triton_decode")
+    return importlib.import_module("adakv_vllm.kernels.triton_decode")
 
 
 @needs_kernel
@@ -276,7 +276,7 @@ def test_kernels_compile_for_hopper(monkeypatch, rotate_keys):
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton build has no NVIDIA backend")
     decode = _kernel()
-    seal = importlib.import_module("adakv_vllm.blocks.triton_seal")
+    seal = importlib.import_module("adakv_vllm.kernels.triton_seal")
     captures = [
         (decode, "_split_kernel"),
         (decode, "_reduce_kernel"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adakv_vllm.blocks.paging import PageCodec
+from adakv_vllm.kernels.page_codec import PageCodec
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant import reference as ref
 from adakv_vllm.quant.precision import ALL_BITS

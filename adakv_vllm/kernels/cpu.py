@@ -1,45 +1,17 @@
-"""The compiled CPU kernels: JIT build, cache, and their launchers.
+"""Launchers of the compiled CPU kernels (kernels/library.py builds and loads them).
 
-  cpu_decode.cpp  the fused paged attention (`paged_attention`), described below;
-  cpu_qerr.cpp    the store's per-step quantization-error feature (`relative_errors`, oracle:
-                  quant.reference.relative_errors);
-  cpu_seal.cpp    the store's page encoder (`encode_pages`, oracle: blocks.paging.PageCodec.encode),
-                  the codec's bytes; KVStore.seal takes ~8x less time with it (~16x without
-                  rotate_keys: the rotation GEMMs, the codec's own, are half of what remains).
-  cpu_quant.h     the quantizer's rounding steps, shared by cpu_qerr.cpp and cpu_seal.cpp;
-  cpu_layout.h    the page-format numbers from quant.format, read alike by the reader and the writer.
+  paged_attention   csrc/cpu_decode.cpp, oracle kernels/attention_ref.paged_attention_ref
+  encode_pages      csrc/cpu_seal.cpp, oracle kernels/page_codec.PageCodec.encode (the same bytes)
+  relative_errors   csrc/cpu_qerr.cpp, oracle quant.reference.relative_errors
 
-`paged_attention(...)` computes `attention/ops/torch_ref.py`'s contract straight from the packed
-pages (no dequantized copy of the context): causal, any query_len, GQA, mixed 2/4/8/16-bit records,
-open blocks read from FP16 staging, rotated keys dotted with the rotated query. The backend uses it
-for every decode row (mixed steps included); prefill rows keep the scratch path, whose GEMM-shaped
-kernel suits many queries per key (~2x faster there: benchmarks/attention_micro.py --query-len 512).
-
-Why C++ (torch.utils.cpp_extension) and not numba or torch.compile: the kernel's work is a
-data-dependent walk (each page's bit map decides where every record lies), 2/4/8-bit unpacking in
-registers, and an online softmax shared by the 3 query heads of a KV head. numba is installed but
-cannot run inside torch's OpenMP pool (its own threading layer would be a second pool on cores vLLM
-has bound) and has no AVX-512 intrinsics for the unpack; torch.compile's CPU codegen would have to
-materialise the gathered records, i.e. the scratch copy this kernel exists to avoid. C++ gives both
-the intrinsics and OpenMP on torch's own threads.
-
-Build: torch.utils.cpp_extension.load (ninja), as one plain shared library with C entry points
-called through ctypes. The source includes no torch header: with torch/extension.h the build took
-~37 s of CPU (~90 s wall on this shared 2-core machine), without it ~1.5 s of CPU (~6 s wall on the
-same loaded machine); a cached build loads in well under a second. Cached per source + flags + torch
-version + CPU flags under $ADAKV_CACHE_DIR/ext/<hash> (default ~/.cache/adakv/ext/<hash>), behind
-an flock so that concurrent processes build once.
-
-Speed (benchmarks/attention_micro.py, SmolLM2 shapes, one layer of decode): 1.15-1.6x stock vLLM's
-bf16 CPU attention from 4k context or batch 16, slower for batch 1 at 1k context, where a fixed
-~60 us per call (launcher, query rotation, work setup) weighs more than the 3k token-heads of work.
-Per (token, KV head) the kernel spends ~30 ns at 2/4/8 bits: record decode, three 64-wide dot
-products with a 4-record shuffle reduction, the page softmax, three 64-wide p*v updates.
-
-Threads: the kernel opens an OpenMP region of torch.get_num_threads() threads, exactly what
-at::parallel_for does under torch's OpenMP backend. Its libgomp.so.1 dependency resolves, by SONAME,
-to the copy torch has already loaded (checked by test_cpu_decode), so it runs on the thread team
-vLLM's CPU worker binds to its cores, not on a second runtime.
+`paged_attention(...)` computes the oracle's contract straight from the packed pages (no dequantized
+copy of the context): causal, any query_len, GQA, mixed 2/4/8/16-bit records, open blocks read from
+FP16 staging, rotated keys dotted with the rotated query. The backend uses it for every decode row
+(mixed steps included); prefill rows keep the scratch path, whose GEMM-shaped kernel suits many
+queries per key (~2x faster there: benchmarks/attention_micro.py --query-len 512). Per (token, KV
+head) it spends ~30 ns at 2/4/8 bits: record decode, three 64-wide dot products with a 4-record
+shuffle reduction, the page softmax, three 64-wide p*v updates; a fixed ~60 us per call (launcher,
+query rotation, work setup) weighs most at batch 1 and short contexts.
 
 Layout numbers come from `quant.format` (`layout_numbers`); the C++ only applies format.py's
 documented packing rules.
@@ -47,253 +19,19 @@ documented packing rules.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import fcntl
 import functools
-import hashlib
-import logging
-import platform
-import time
-from pathlib import Path
 
 import torch
 
-from adakv_vllm import envs
+from adakv_vllm.kernels.library import DTYPE_CODES, DecodeArgs, Kernel, SealArgs, build
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import PRECISIONS
 from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS
 from adakv_vllm.quant.rotation import rotate
 
-logger = logging.getLogger("vllm.adakv.cpu")
-
-# One library: the fused decode attention, the store's quantization-error feature and page encoder.
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_decode.cpp", "cpu_qerr.cpp", "cpu_seal.cpp"))
-# part of the build key, not compiled alone
-HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_layout.h", "cpu_quant.h"))
-CFLAGS = ("-O3", "-march=native", "-fopenmp")
-LDFLAGS = ("-fopenmp",)
 QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-class FusedKernelUnavailable(RuntimeError):
-    """The fused kernel was asked for (ADAKV_CPU_ATTENTION=fused) but cannot be built or loaded."""
-
-
-def _cpu_signature() -> str:
-    """The CPU's ISA flags: -march=native objects must not be shared between different CPUs."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def build_key() -> str:
-    h = hashlib.sha256(b"".join(source.read_bytes() for source in (*SOURCES, *HEADERS)))
-    for part in (*CFLAGS, *LDFLAGS, torch.__version__, platform.machine(), _cpu_signature()):
-        h.update(part.encode())
-    return h.hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """An flock held while building: released by the kernel if the process dies, unlike a lock file."""
-    with open(lock_path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-class _Args(ctypes.Structure):
-    """Mirror of `struct Args` in cpu_decode.cpp, field by field."""
-
-    _fields_ = [
-        ("layout", ctypes.c_int64 * 21),
-        *((name, ctypes.c_int64) for name in ("head_size", "num_heads", "num_kv_heads", "num_tokens")),
-        *((name, ctypes.c_int64) for name in ("num_seqs", "num_blocks", "num_slots")),
-        ("pages", ctypes.c_void_p),
-        ("page_stride", ctypes.c_int64),
-        ("staging_key", ctypes.c_void_p),
-        ("staging_value", ctypes.c_void_p),
-        ("staging_slot", ctypes.c_void_p),
-        ("block_table", ctypes.c_void_p),
-        *((name, ctypes.c_int64) for name in ("block_table_i64", "block_table_stride", "block_table_width")),
-        ("seq_lens", ctypes.c_void_p),
-        ("query_start_loc", ctypes.c_void_p),
-        ("seq_lens_i64", ctypes.c_int64),
-        ("query_start_loc_i64", ctypes.c_int64),
-        ("query", ctypes.c_void_p),
-        *((name, ctypes.c_int64) for name in ("query_dtype", "q_stride_t", "q_stride_h")),
-        ("query_rot", ctypes.c_void_p),
-        ("out", ctypes.c_void_p),
-        *((name, ctypes.c_int64) for name in ("out_dtype", "out_stride_t", "out_stride_h")),
-        ("scale", ctypes.c_double),
-        *((name, ctypes.c_int64) for name in ("pages_per_split", "force_scalar", "num_threads")),
-    ]
-
-
-class _SealArgs(ctypes.Structure):
-    """Mirror of `struct SealArgs` in cpu_seal.cpp, field by field."""
-
-    _fields_ = [
-        ("layout", ctypes.c_int64 * 21),
-        *((name, ctypes.c_int64) for name in ("head_size", "num_kv_heads", "num_pages", "num_tokens")),
-        *((name, ctypes.c_void_p) for name in ("key", "value")),
-        ("num_slots", ctypes.c_int64),
-        *((name, ctypes.c_void_p) for name in ("slots", "key_bits", "value_bits")),
-        ("rotate_keys", ctypes.c_int64),
-        ("key_rot", ctypes.c_void_p * 4),
-        ("key_rot_rows", ctypes.c_int64 * 4),
-        ("pages", ctypes.c_void_p),
-        *((name, ctypes.c_int64) for name in ("page_stride", "num_rows")),
-        ("rows", ctypes.c_void_p),
-        ("clamp", ctypes.c_int64),
-        ("clamp_abs", ctypes.c_double),
-        ("clamp_bits", ctypes.c_int64 * 2),
-        ("quantizable_abs", ctypes.c_double),
-        ("num_threads", ctypes.c_int64),
-    ]
-
-
-# the kernel's dtype codes (cpu_decode.cpp: enum Dtype)
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_STATUS = {1: "inconsistent arguments", 2: "a page's bit map, a block id or a staging slot is out of range"}
-# cpu_seal.cpp's status codes -> the error PageCodec.encode (or reference.py under it) raises
-_SEAL_ERRORS = {
-    1: "inconsistent arguments",
-    2: f"bits must be in {[p.bits for p in PRECISIONS]}",
-    3: "bits exceed the page budget",
-    4: "slots must be rows of key/value, block_ids distinct rows of out",
-    5: "input contains NaN or inf; AdaKV cannot cache non-finite values",
-    6: f"values beyond +-{MAX_QUANTIZED_ABS:g} cannot be stored in a quantized record "
-    "(fp16 scale/min); store them at 16 bits",
-}
-
-
-class Kernel:
-    """The loaded library: `run(args)`, `relative_errors(...)`, `seal(args)` and `has_avx512()`."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._lib = ctypes.CDLL(path)
-        self._lib.adakv_paged_attention.argtypes = [ctypes.POINTER(_Args)]
-        self._lib.adakv_paged_attention.restype = ctypes.c_int
-        self._lib.adakv_args_size.restype = ctypes.c_int64
-        self._lib.adakv_relative_errors.argtypes = [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-            ctypes.c_void_p, ctypes.c_int64,
-        ]  # fmt: skip
-        self._lib.adakv_relative_errors.restype = ctypes.c_int
-        self._lib.adakv_seal.argtypes = [ctypes.POINTER(_SealArgs)]
-        self._lib.adakv_seal.restype = ctypes.c_int
-        self._lib.adakv_seal_args_size.restype = ctypes.c_int64
-        if self._lib.adakv_args_size() != ctypes.sizeof(_Args):
-            raise RuntimeError(f"{path}: struct Args does not match cpu.py's _Args (stale build?)")
-        if self._lib.adakv_seal_args_size() != ctypes.sizeof(_SealArgs):
-            raise RuntimeError(f"{path}: struct SealArgs does not match cpu.py's _SealArgs (stale build?)")
-
-    def relative_errors(
-        self, y: torch.Tensor, tops: torch.Tensor, group_size: int, out: torch.Tensor
-    ) -> None:
-        """y: [rows, d] fp32 contiguous; tops: [P] int64; out: [rows, P] fp32 contiguous."""
-        status = self._lib.adakv_relative_errors(
-            y.data_ptr(), y.shape[0], y.shape[1], group_size, tops.data_ptr(), tops.numel(),
-            out.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
-        if status:
-            raise ValueError(
-                f"relative_errors: head_size {y.shape[1]}, group {group_size}, {tops.numel()} precisions"
-            )
-
-    def seal(self, args: _SealArgs) -> None:
-        """Encode pages (see encode_pages); ValueError as PageCodec.encode raises it."""
-        status = self._lib.adakv_seal(ctypes.byref(args))
-        if status:
-            raise ValueError(_SEAL_ERRORS.get(status, f"AdaKV seal: status {status}"))
-
-    def has_avx512(self) -> bool:
-        return bool(self._lib.adakv_has_avx512())
-
-    def run(self, args: _Args) -> None:
-        status = self._lib.adakv_paged_attention(ctypes.byref(args))
-        if status:
-            raise RuntimeError(f"AdaKV fused attention: {_STATUS.get(status, status)}")
-
-
-def build() -> Kernel:
-    """Compile (or load the cached build of) the kernel. Safe when several processes call it."""
-    from torch.utils import cpp_extension
-
-    key = build_key()
-    directory = envs.cache_dir() / "ext" / key
-    directory.mkdir(parents=True, exist_ok=True)
-    with _exclusive(directory / "adakv-build.lock"):
-        # cpp_extension's own baton file survives a killed build and would block forever; under our
-        # flock no other process is building here, so a leftover one is stale.
-        (directory / "lock").unlink(missing_ok=True)
-        fresh = not any(directory.glob("*.so"))
-        if fresh:
-            logger.info("building the fused CPU attention kernel in %s (one-time)", directory)
-        start = time.perf_counter()
-        path = cpp_extension.load(
-            name=f"adakv_cpu_decode_{key}",
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=list(CFLAGS),
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(directory),
-            verbose=False,
-            is_python_module=False,
-        )
-        if fresh:
-            logger.info("built the fused CPU attention kernel in %.1f s", time.perf_counter() - start)
-    return Kernel(path)
-
-
-@functools.cache
-def _load():
-    """-> (module or None, the build error or None)."""
-    try:
-        return build(), None
-    except Exception as e:  # a missing compiler surfaces as RuntimeError/OSError/CalledProcessError
-        return None, e
-
-
-def fused_kernel() -> Kernel | None:
-    """The compiled kernel when the fused path is selected, else None (use the scratch path).
-
-    ADAKV_CPU_ATTENTION: 'scratch' -> None; 'fused' -> the module or FusedKernelUnavailable;
-    'auto' -> the module, or None with one warning when it cannot be built.
-    """
-    mode = envs.cpu_attention()
-    if mode == "scratch":
-        return None
-    module, error = _load()
-    if module is not None:
-        return module
-    if mode == "fused":
-        raise FusedKernelUnavailable(
-            f"ADAKV_CPU_ATTENTION=fused but the fused CPU attention kernel cannot be built ({error!r}); "
-            "install a C++ compiler (g++) and ninja, or set ADAKV_CPU_ATTENTION=scratch"
-        ) from error
-    _warn_fallback(error)
-    return None
-
-
-def library() -> Kernel | None:
-    """The compiled library whatever ADAKV_CPU_ATTENTION says (it also holds non-attention kernels),
-    or None when it cannot be built here."""
-    return _load()[0]
-
-
-@functools.cache
-def _warn_fallback(error: Exception) -> None:
-    logger.warning("fused CPU attention unavailable (%r); using the scratch path", error)
 
 
 @functools.cache
@@ -394,7 +132,7 @@ def paged_attention(
     staging_slot = staging_slot.contiguous()
     query_rot = rotate(query) if rotate_keys else None  # [num_tokens, num_heads, head_size] fp32
     kernel = module if module is not None else build()
-    args = _Args(
+    args = DecodeArgs(
         _layout_array(layout, staging_key.dtype),
         head_size,
         num_heads,
@@ -417,12 +155,12 @@ def paged_attention(
         seq_lens.dtype == torch.int64,
         query_start_loc.dtype == torch.int64,
         query.data_ptr(),
-        _DTYPE_CODES[query.dtype],
+        DTYPE_CODES[query.dtype],
         query.stride(0),
         query.stride(1),
         query_rot.data_ptr() if query_rot is not None else None,
         out.data_ptr(),
-        _DTYPE_CODES[out.dtype],
+        DTYPE_CODES[out.dtype],
         out.stride(0),
         out.stride(1),
         float(scale),
@@ -558,7 +296,7 @@ def encode_pages(
     slots = None if slots is None else slots.to(torch.int64).contiguous()
     rows = None if block_ids is None else block_ids.to(torch.int64).contiguous()
     key_rot = _rotated_keys(key, key_bits, slots, clamp, d) if rotate_keys else [None] * len(PRECISIONS)
-    args = _SealArgs(
+    args = SealArgs(
         _layout_array(layout, storage_dtype),
         d,
         h,

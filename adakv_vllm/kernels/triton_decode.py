@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from adakv_vllm.blocks.paging import PageCodec
-from adakv_vllm.blocks.triton_seal import FP16_CODE, by_code, layout_constexprs, page_layout_of_head
+from adakv_vllm.kernels.page_codec import PageCodec
+from adakv_vllm.kernels.triton_seal import FP16_CODE, by_code, layout_constexprs, page_layout_of_head
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.rotation import rotation_matrix
 

@@ -1,4 +1,4 @@
-"""The fused CPU kernel (attention/ops/cpu_decode.cpp) against the fp32 oracle paged_attention_ref."""
+"""The fused CPU kernel (kernels/csrc/cpu_decode.cpp) against the fp32 oracle paged_attention_ref."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import functools
 import pytest
 import torch
 
-from adakv_vllm.attention.ops import cpu
-from adakv_vllm.attention.ops.torch_ref import paged_attention_ref
-from adakv_vllm.blocks.paging import PageCodec
+from adakv_vllm.kernels import cpu, library
+from adakv_vllm.kernels.attention_ref import paged_attention_ref
+from adakv_vllm.kernels.page_codec import PageCodec
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import ALL_BITS
 
@@ -150,7 +150,7 @@ def _problem(case: Case, seed: int = 0):
 
 @pytest.fixture(scope="module")
 def module():
-    return cpu.build()
+    return library.build()
 
 
 PATHS = ["native", "scalar"]
@@ -239,26 +239,26 @@ def test_corrupt_bit_map_is_an_error_not_a_wild_read(module):
 
 def test_mode_switch(monkeypatch):
     monkeypatch.setenv("ADAKV_CPU_ATTENTION", "scratch")
-    assert cpu.fused_kernel() is None
+    assert library.fused_kernel() is None
     monkeypatch.setenv("ADAKV_CPU_ATTENTION", "bogus")
     with pytest.raises(ValueError, match="auto"):
-        cpu.fused_kernel()
+        library.fused_kernel()
 
 
 def test_build_failure_falls_back_in_auto_and_raises_in_fused(monkeypatch, caplog):
     error = OSError("g++: not found")
-    monkeypatch.setattr(cpu, "_load", lambda: (None, error))
+    monkeypatch.setattr(library, "_load", lambda: (None, error))
     monkeypatch.setenv("ADAKV_CPU_ATTENTION", "fused")
-    with pytest.raises(cpu.FusedKernelUnavailable, match="g\\+\\+: not found"):
-        cpu.fused_kernel()
+    with pytest.raises(library.FusedKernelUnavailable, match="g\\+\\+: not found"):
+        library.fused_kernel()
     monkeypatch.setenv("ADAKV_CPU_ATTENTION", "auto")
-    cpu._warn_fallback.cache_clear()
+    library._warn_fallback.cache_clear()
     # vLLM's logging config may stop propagation at "vllm": listen on our logger itself
-    cpu.logger.addHandler(caplog.handler)
+    library.logger.addHandler(caplog.handler)
     try:
-        assert cpu.fused_kernel() is None
+        assert library.fused_kernel() is None
     finally:
-        cpu.logger.removeHandler(caplog.handler)
+        library.logger.removeHandler(caplog.handler)
     assert "scratch path" in caplog.text
 
 
@@ -276,8 +276,8 @@ def test_kernel_runs_on_torchs_openmp_runtime(module):
         pytest.skip("no /proc/self/maps on this platform")
     code = (
         "import json, torch\n"
-        "from adakv_vllm.attention.ops import cpu\n"
-        "cpu.build()\n"
+        "from adakv_vllm.kernels import library\n"
+        "library.build()\n"
         "maps = open('/proc/self/maps').read().splitlines()\n"
         "print(json.dumps(sorted({l.split()[-1] for l in maps if 'libgomp' in l})))\n"
     )

@@ -1,0 +1,274 @@
+"""The compiled CPU library: JIT build, cache and loader, and the ctypes mirror of its entry points.
+
+One shared library holds every compiled CPU kernel (csrc/): the fused paged attention
+(cpu_decode.cpp), the page encoder (cpu_seal.cpp) and the quantization-error feature (cpu_qerr.cpp);
+csrc/cpu_quant.h holds the quantizer's rounding steps they share, csrc/cpu_layout.h the page-format
+numbers read alike by reader and writer. Their launchers are in kernels/cpu.py.
+
+Why C++ (torch.utils.cpp_extension) and not numba or torch.compile: the kernel's work is a
+data-dependent walk (each page's bit map decides where every record lies), 2/4/8-bit unpacking in
+registers, and an online softmax shared by the 3 query heads of a KV head. numba is installed but
+cannot run inside torch's OpenMP pool (its own threading layer would be a second pool on cores vLLM
+has bound) and has no AVX-512 intrinsics for the unpack; torch.compile's CPU codegen would have to
+materialise the gathered records, i.e. the scratch copy this kernel exists to avoid. C++ gives both
+the intrinsics and OpenMP on torch's own threads.
+
+Build: torch.utils.cpp_extension.load (ninja), as one plain shared library with C entry points
+called through ctypes. The source includes no torch header, so a build takes seconds, not the
+minutes torch/extension.h costs; a cached build loads in well under a second. Cached per source +
+flags + torch version + CPU flags under $ADAKV_CACHE_DIR/ext/<hash> (default ~/.cache/adakv/ext/<hash>),
+behind an flock so that concurrent processes build once.
+
+Threads: the kernels open an OpenMP region of torch.get_num_threads() threads, exactly what
+at::parallel_for does under torch's OpenMP backend. The library's libgomp.so.1 dependency resolves,
+by SONAME, to the copy torch has already loaded (checked by test_cpu_decode), so it runs on the thread
+team vLLM's CPU worker binds to its cores, not on a second runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import functools
+import hashlib
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from adakv_vllm import envs
+from adakv_vllm.quant.precision import PRECISIONS
+from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS
+
+logger = logging.getLogger("vllm.adakv.cpu")
+
+CSRC = Path(__file__).with_name("csrc")
+# One library: the fused decode attention, the store's quantization-error feature and page encoder.
+SOURCES = tuple(CSRC / name for name in ("cpu_decode.cpp", "cpu_qerr.cpp", "cpu_seal.cpp"))
+# part of the build key, not compiled alone
+HEADERS = tuple(CSRC / name for name in ("cpu_layout.h", "cpu_quant.h"))
+CFLAGS = ("-O3", "-march=native", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
+
+class FusedKernelUnavailable(RuntimeError):
+    """The fused kernel was asked for (ADAKV_CPU_ATTENTION=fused) but cannot be built or loaded."""
+
+
+def _cpu_signature() -> str:
+    """The CPU's ISA flags: -march=native objects must not be shared between different CPUs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_key() -> str:
+    h = hashlib.sha256(b"".join(source.read_bytes() for source in (*SOURCES, *HEADERS)))
+    for part in (*CFLAGS, *LDFLAGS, torch.__version__, platform.machine(), _cpu_signature()):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An flock held while building: released by the kernel if the process dies, unlike a lock file."""
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class DecodeArgs(ctypes.Structure):
+    """Mirror of `struct Args` in cpu_decode.cpp, field by field."""
+
+    _fields_ = [
+        ("layout", ctypes.c_int64 * 21),
+        *((name, ctypes.c_int64) for name in ("head_size", "num_heads", "num_kv_heads", "num_tokens")),
+        *((name, ctypes.c_int64) for name in ("num_seqs", "num_blocks", "num_slots")),
+        ("pages", ctypes.c_void_p),
+        ("page_stride", ctypes.c_int64),
+        ("staging_key", ctypes.c_void_p),
+        ("staging_value", ctypes.c_void_p),
+        ("staging_slot", ctypes.c_void_p),
+        ("block_table", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("block_table_i64", "block_table_stride", "block_table_width")),
+        ("seq_lens", ctypes.c_void_p),
+        ("query_start_loc", ctypes.c_void_p),
+        ("seq_lens_i64", ctypes.c_int64),
+        ("query_start_loc_i64", ctypes.c_int64),
+        ("query", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("query_dtype", "q_stride_t", "q_stride_h")),
+        ("query_rot", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("out_dtype", "out_stride_t", "out_stride_h")),
+        ("scale", ctypes.c_double),
+        *((name, ctypes.c_int64) for name in ("pages_per_split", "force_scalar", "num_threads")),
+    ]
+
+
+class SealArgs(ctypes.Structure):
+    """Mirror of `struct SealArgs` in cpu_seal.cpp, field by field."""
+
+    _fields_ = [
+        ("layout", ctypes.c_int64 * 21),
+        *((name, ctypes.c_int64) for name in ("head_size", "num_kv_heads", "num_pages", "num_tokens")),
+        *((name, ctypes.c_void_p) for name in ("key", "value")),
+        ("num_slots", ctypes.c_int64),
+        *((name, ctypes.c_void_p) for name in ("slots", "key_bits", "value_bits")),
+        ("rotate_keys", ctypes.c_int64),
+        ("key_rot", ctypes.c_void_p * 4),
+        ("key_rot_rows", ctypes.c_int64 * 4),
+        ("pages", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("page_stride", "num_rows")),
+        ("rows", ctypes.c_void_p),
+        ("clamp", ctypes.c_int64),
+        ("clamp_abs", ctypes.c_double),
+        ("clamp_bits", ctypes.c_int64 * 2),
+        ("quantizable_abs", ctypes.c_double),
+        ("num_threads", ctypes.c_int64),
+    ]
+
+
+# the kernel's dtype codes (cpu_decode.cpp: enum Dtype)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_STATUS = {1: "inconsistent arguments", 2: "a page's bit map, a block id or a staging slot is out of range"}
+# cpu_seal.cpp's status codes -> the error PageCodec.encode (or reference.py under it) raises
+_SEAL_ERRORS = {
+    1: "inconsistent arguments",
+    2: f"bits must be in {[p.bits for p in PRECISIONS]}",
+    3: "bits exceed the page budget",
+    4: "slots must be rows of key/value, block_ids distinct rows of out",
+    5: "input contains NaN or inf; AdaKV cannot cache non-finite values",
+    6: f"values beyond +-{MAX_QUANTIZED_ABS:g} cannot be stored in a quantized record "
+    "(fp16 scale/min); store them at 16 bits",
+}
+
+
+class Kernel:
+    """The loaded library: `run(args)`, `relative_errors(...)`, `seal(args)` and `has_avx512()`."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lib = ctypes.CDLL(path)
+        self._lib.adakv_paged_attention.argtypes = [ctypes.POINTER(DecodeArgs)]
+        self._lib.adakv_paged_attention.restype = ctypes.c_int
+        self._lib.adakv_args_size.restype = ctypes.c_int64
+        self._lib.adakv_relative_errors.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_int64,
+        ]  # fmt: skip
+        self._lib.adakv_relative_errors.restype = ctypes.c_int
+        self._lib.adakv_seal.argtypes = [ctypes.POINTER(SealArgs)]
+        self._lib.adakv_seal.restype = ctypes.c_int
+        self._lib.adakv_seal_args_size.restype = ctypes.c_int64
+        if self._lib.adakv_args_size() != ctypes.sizeof(DecodeArgs):
+            raise RuntimeError(f"{path}: struct Args does not match cpu.py's DecodeArgs (stale build?)")
+        if self._lib.adakv_seal_args_size() != ctypes.sizeof(SealArgs):
+            raise RuntimeError(f"{path}: struct SealArgs does not match cpu.py's SealArgs (stale build?)")
+
+    def relative_errors(
+        self, y: torch.Tensor, tops: torch.Tensor, group_size: int, out: torch.Tensor
+    ) -> None:
+        """y: [rows, d] fp32 contiguous; tops: [P] int64; out: [rows, P] fp32 contiguous."""
+        status = self._lib.adakv_relative_errors(
+            y.data_ptr(), y.shape[0], y.shape[1], group_size, tops.data_ptr(), tops.numel(),
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise ValueError(
+                f"relative_errors: head_size {y.shape[1]}, group {group_size}, {tops.numel()} precisions"
+            )
+
+    def seal(self, args: SealArgs) -> None:
+        """Encode pages (see encode_pages); ValueError as PageCodec.encode raises it."""
+        status = self._lib.adakv_seal(ctypes.byref(args))
+        if status:
+            raise ValueError(_SEAL_ERRORS.get(status, f"AdaKV seal: status {status}"))
+
+    def has_avx512(self) -> bool:
+        return bool(self._lib.adakv_has_avx512())
+
+    def run(self, args: DecodeArgs) -> None:
+        status = self._lib.adakv_paged_attention(ctypes.byref(args))
+        if status:
+            raise RuntimeError(f"AdaKV fused attention: {_STATUS.get(status, status)}")
+
+
+def build() -> Kernel:
+    """Compile (or load the cached build of) the kernel. Safe when several processes call it."""
+    from torch.utils import cpp_extension
+
+    key = build_key()
+    directory = envs.cache_dir() / "ext" / key
+    directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory / "adakv-build.lock"):
+        # cpp_extension's own baton file survives a killed build and would block forever; under our
+        # flock no other process is building here, so a leftover one is stale.
+        (directory / "lock").unlink(missing_ok=True)
+        fresh = not any(directory.glob("*.so"))
+        if fresh:
+            logger.info("building the fused CPU attention kernel in %s (one-time)", directory)
+        start = time.perf_counter()
+        path = cpp_extension.load(
+            name=f"adakv_cpu_decode_{key}",
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS),
+            build_directory=str(directory),
+            verbose=False,
+            is_python_module=False,
+        )
+        if fresh:
+            logger.info("built the fused CPU attention kernel in %.1f s", time.perf_counter() - start)
+    return Kernel(path)
+
+
+@functools.cache
+def _load():
+    """-> (module or None, the build error or None)."""
+    try:
+        return build(), None
+    except Exception as e:  # a missing compiler surfaces as RuntimeError/OSError/CalledProcessError
+        return None, e
+
+
+def fused_kernel() -> Kernel | None:
+    """The compiled kernel when the fused path is selected, else None (use the scratch path).
+
+    ADAKV_CPU_ATTENTION: 'scratch' -> None; 'fused' -> the module or FusedKernelUnavailable;
+    'auto' -> the module, or None with one warning when it cannot be built.
+    """
+    mode = envs.cpu_attention()
+    if mode == "scratch":
+        return None
+    module, error = _load()
+    if module is not None:
+        return module
+    if mode == "fused":
+        raise FusedKernelUnavailable(
+            f"ADAKV_CPU_ATTENTION=fused but the fused CPU attention kernel cannot be built ({error!r}); "
+            "install a C++ compiler (g++) and ninja, or set ADAKV_CPU_ATTENTION=scratch"
+        ) from error
+    _warn_fallback(error)
+    return None
+
+
+def load() -> Kernel | None:
+    """The compiled library whatever ADAKV_CPU_ATTENTION says (it also holds non-attention kernels),
+    or None when it cannot be built here."""
+    return _load()[0]
+
+
+@functools.cache
+def _warn_fallback(error: Exception) -> None:
+    logger.warning("fused CPU attention unavailable (%r); using the scratch path", error)
+
+
