@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,16 +45,22 @@ class AdaKVConfig:
     prompt_features: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.target_bits, (int, float)) or not 2 <= self.target_bits <= 16:
+        # Types are checked strictly (JSON and YAML hand us strings, floats and booleans where an
+        # int was meant): a value accepted here must mean what the startup log says it means.
+        if not _is_number(self.target_bits) or not 2 <= self.target_bits <= 16:
             raise ValueError(f"target_bits must be a number within [2, 16], got {self.target_bits!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {POLICIES}")
         if self.policy == "static" and self.target_bits not in ALL_BITS:
             raise ValueError(f"policy 'static' needs target_bits in {ALL_BITS}, got {self.target_bits}")
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
+        if not _is_int(self.group_size) or self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.group_size!r}")
-        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+        if not isinstance(self.rotate_keys, bool):
+            raise ValueError(f"rotate_keys must be true or false, got {self.rotate_keys!r}")
+        if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be a non-negative integer, got {self.sink_tokens!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.prompt_features, bool):
             raise ValueError(f"prompt_features must be true or false, got {self.prompt_features!r}")
         if self.controller_weights is not None and not isinstance(self.controller_weights, str):
@@ -69,6 +76,14 @@ class AdaKVConfig:
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def requested_options(additional_config: Mapping[str, Any] | None) -> dict[str, Any] | None:

@@ -28,6 +28,10 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
         "CPU decode attention: 'fused' (C++ kernel over packed pages; error if it cannot build), "
         "'scratch' (decode pages into a bf16 scratch, vLLM's kernel), 'auto' (fused when it builds)",
     ),
+    "ADAKV_TEST_POISON_TOKEN": (
+        None,
+        "TESTS ONLY: a token id; requests whose prompt holds it get NaN K/V cached (engine/faults.py)",
+    ),
 }
 
 CPU_ATTENTION_MODES = ("auto", "fused", "scratch")
@@ -62,3 +66,13 @@ def cpu_attention() -> str:
     if mode not in CPU_ATTENTION_MODES:
         raise ValueError(f"ADAKV_CPU_ATTENTION must be one of {CPU_ATTENTION_MODES}, got {mode!r}")
     return mode
+
+
+def test_poison_token() -> int | None:
+    raw = _get("ADAKV_TEST_POISON_TOKEN")
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"ADAKV_TEST_POISON_TOKEN must be a token id (an integer), got {raw!r}") from None

@@ -23,6 +23,18 @@ def test_defaults_valid():
         ({"group_size": 24}, "group_size"),
         ({"sink_tokens": -1}, "sink_tokens"),
         ({"bogus": 1}, "unknown AdaKV option"),
+        # accepted once, then crashed at the first step or meant something else than the log said
+        ({"target_bits": True}, "target_bits"),
+        ({"target_bits": float("nan")}, "target_bits"),
+        ({"seed": "7"}, "seed"),
+        ({"seed": 7.0}, "seed"),
+        ({"seed": False}, "seed"),
+        ({"group_size": 32.0}, "group_size"),
+        ({"rotate_keys": "false"}, "rotate_keys"),
+        ({"rotate_keys": 0}, "rotate_keys"),
+        ({"sink_tokens": True}, "sink_tokens"),
+        ({"sink_tokens": 4.0}, "sink_tokens"),
+        ({"prompt_features": "yes"}, "prompt_features"),
     ],
 )
 def test_bad_options_rejected(options, match):

@@ -51,6 +51,24 @@ def test_environment_switch_activates(engine_args, monkeypatch):
         ({"additional_config": {"kv_cache_plugin": "other"}}, "unknown kv_cache_plugin"),
         ({"additional_config": {"kv_cache_plugin": "adakv"}, "scheduling_policy": "priority"}, "priority"),
         ({"additional_config": {"kv_cache_plugin": "adakv"}, "pipeline_parallel_size": 2}, "pipeline"),
+        ({"additional_config": {"kv_cache_plugin": "adakv"}, "dtype": "float32"}, "bfloat16 or float16"),
+        (
+            {
+                "additional_config": {"kv_cache_plugin": "adakv"},
+                "kv_transfer_config": {"kv_connector": "OffloadingConnector", "kv_role": "kv_both"},
+            },
+            "KV connectors",
+        ),
+        # the shipped controller does not fit: auto chooses rule; but named weights must load
+        (
+            {
+                "additional_config": {
+                    "kv_cache_plugin": "adakv",
+                    "controller_weights": "/nonexistent.safetensors",
+                }
+            },
+            "nonexistent.safetensors",
+        ),
     ],
 )
 def test_bad_options_fail_at_start(engine_args, monkeypatch, kwargs, match):

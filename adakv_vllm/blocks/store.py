@@ -7,6 +7,11 @@
 
 Invariants: a block is sealed iff `sealed[b]`; a sealed block has no staging slot; a write into a
 sealed block (vLLM re-allocated the id) re-opens it. Pages are written only by `seal`.
+
+A seal never fails on the values a model wrote: a block whose staged K/V hold a NaN, an inf, or (with
+rotate_keys) a key too long to stay within the quantizable range once rotated is sanitised in staging
+(`sanitize_staged`) and sealed again, with one warning per request. Stock vLLM caches such values as
+they are; a crash here would take down every request of the engine.
 """
 
 from __future__ import annotations
@@ -16,16 +21,21 @@ import logging
 import torch
 
 from adakv_vllm.blocks.staging import StagingArea, WritePlan
+from adakv_vllm.controller.features import QERR_BITS
 from adakv_vllm.kernels import cpu, library
 from adakv_vllm.kernels.page_codec import PageCodec
 from adakv_vllm.quant import format as fmt
-from adakv_vllm.quant.precision import PRECISIONS
+from adakv_vllm.quant.precision import Precision
 from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, relative_errors
 
 logger = logging.getLogger("vllm.adakv.store")
 
-# The precisions whose reconstruction error is reported as a feature (16 bits has none).
-FEATURE_PRECISIONS = tuple(p for p in PRECISIONS if p.is_quantized)
+# A key row longer than this (L2) is scaled down to it before sealing: a Hadamard-rotated component
+# never exceeds the row's norm, and half the quantizable range leaves room for 16-bit rounding.
+MAX_KEY_NORM = MAX_QUANTIZED_ABS / 2
+
+# The precisions whose reconstruction error is reported as a feature (the controller's contract).
+FEATURE_PRECISIONS = tuple(Precision(bits) for bits in QERR_BITS)
 
 
 def _relative_errors(x: torch.Tensor, group_size: int, rotate_record: bool) -> torch.Tensor:
@@ -60,6 +70,7 @@ class KVStore:
         # Attention token-reads (query x visible key) served from sealed pages vs in all; layer 0.
         self.sealed_reads = 0
         self.total_reads = 0
+        self._warned_owners: set[str] = set()  # requests already warned about sanitised values
 
     # ---- binding -------------------------------------------------------------------------------
     def bind(self, layer: int, kv_cache: torch.Tensor) -> None:
@@ -95,6 +106,11 @@ class KVStore:
                 self._written = slot_mapping[valid].clone()
         self.staging.write_planned(layer, cached[1], key, value)
 
+    @property
+    def written_slots(self) -> torch.Tensor | None:
+        """[T] int64 vLLM slots written since begin_step (None: none)."""
+        return self._written
+
     def step_features(self) -> dict[str, torch.Tensor] | None:
         """Features of the tokens written this step: slots [T] int64 and qerr [T, 3], each token's
         relative reconstruction error at 2/4/8 bits averaged over layers, heads, K and V.
@@ -118,21 +134,49 @@ class KVStore:
         return self._features
 
     # ---- sealing --------------------------------------------------------------------------------
-    def seal(self, block_ids: torch.Tensor, key_bits: torch.Tensor, value_bits: torch.Tensor) -> int:
+    def seal(
+        self,
+        block_ids: torch.Tensor,
+        key_bits: torch.Tensor,
+        value_bits: torch.Tensor,
+        owners: list[str] | None = None,
+    ) -> list[int]:
         """Pack full open blocks into their pages in every layer.
 
-        block_ids: [n] int64; key_bits, value_bits: [n, block_size]. Blocks that are already sealed
-        or have no staging (never written here) are skipped. Returns the number sealed.
+        block_ids: [n] int64; key_bits, value_bits: [n, block_size]; owners: the request id of each
+        block, for warnings. Blocks already sealed are skipped (a prefix-cache block sealed once);
+        blocks with no staging were never written here, which the scheduler must not ask for: they
+        are skipped with a warning and returned. Returns those unsealed block ids.
         Pages are encoded by the compiled encoder of kernels/cpu.py, from staging straight into
         each layer's rows, where it builds (~8x faster), else by the torch codec (its oracle): the
-        same bytes.
+        same bytes. Values the quantizer cannot store are sanitised first (module docstring).
         """
-        open_ = (~self.sealed[block_ids]) & (self.staging.slot_of_block[block_ids] >= 0)
-        if not open_.all():
-            logger.debug("skipping %d blocks that are sealed or not staged", int((~open_).sum()))
+        staged = self.staging.slot_of_block[block_ids] >= 0
+        unstaged = block_ids[~staged & ~self.sealed[block_ids]].tolist()
+        if unstaged:
+            logger.warning(
+                "AdaKV: asked to seal %d blocks that hold no staged tokens (%s); they stay unsealed",
+                len(unstaged),
+                unstaged[:8],
+            )
+        open_ = staged & ~self.sealed[block_ids]
+        if owners is not None:
+            owners = [o for o, keep in zip(owners, open_.tolist(), strict=True) if keep]
         block_ids, key_bits, value_bits = block_ids[open_], key_bits[open_], value_bits[open_]
         if block_ids.numel() == 0:
-            return 0
+            return unstaged
+        try:
+            self._encode(block_ids, key_bits, value_bits)
+        except ValueError:  # a NaN / inf / out-of-range value; bits are checked before anything is written
+            changed = self.sanitize_staged(block_ids)
+            self._warn_sanitized(block_ids, changed, owners)
+            self._encode(block_ids, key_bits, value_bits)
+        self.sealed[block_ids] = True
+        self._plan = None  # it may name the released slots
+        self.staging.release(block_ids.tolist())
+        return unstaged
+
+    def _encode(self, block_ids: torch.Tensor, key_bits: torch.Tensor, value_bits: torch.Tensor) -> None:
         module = library.load()
         slots = self.staging.slot_of_block[block_ids]
         for layer in range(self.num_layers):
@@ -147,10 +191,39 @@ class KVStore:
                 key = key.clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
                 value = value.clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
                 self.pages[layer][block_ids] = self.codec.encode(key, value, key_bits, value_bits)
-        self.sealed[block_ids] = True
-        self._plan = None  # it may name the released slots
-        self.staging.release(block_ids.tolist())
-        return int(block_ids.numel())
+
+    def sanitize_staged(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """Make the staged K/V of open `block_ids` ([n] int64) storable, in place, in every layer:
+        NaN -> 0, values beyond +-MAX_QUANTIZED_ABS (inf included) -> the bound and, with
+        rotate_keys, key rows longer than MAX_KEY_NORM scaled down to it. -> [n] values changed."""
+        slots = self.staging.slot_of_block[block_ids]
+        changed = torch.zeros(block_ids.numel(), dtype=torch.int64)
+        for x, is_key in ((self.staging.key, True), (self.staging.value, False)):
+            raw = x[:, slots].float()  # [L, n, block_size, H, D]
+            fixed = raw.nan_to_num(0.0).clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
+            if is_key and self.rotate_keys:
+                norm = fixed.norm(dim=-1, keepdim=True)
+                fixed = torch.where(norm > MAX_KEY_NORM, fixed * (MAX_KEY_NORM / norm), fixed)
+            changed += (fixed != raw).transpose(0, 1).reshape(block_ids.numel(), -1).sum(1)
+            x[:, slots] = fixed.to(x.dtype)
+        return changed
+
+    def _warn_sanitized(self, block_ids: torch.Tensor, changed: torch.Tensor, owners: list[str] | None):
+        for i in changed.nonzero().squeeze(1).tolist():
+            owner = owners[i] if owners is not None else "?"
+            if owner in self._warned_owners:
+                continue
+            self._warned_owners.add(owner)
+            logger.warning(
+                "AdaKV: request %s wrote %d K/V values that cannot be cached as they are (NaN, inf, or "
+                "beyond +-%g) into block %d; stored sanitised (NaN -> 0, clamped, over-long keys scaled "
+                "to norm %g). Further blocks of this request are sanitised silently.",
+                owner,
+                int(changed[i]),
+                MAX_QUANTIZED_ABS,
+                int(block_ids[i]),
+                MAX_KEY_NORM,
+            )
 
     def release(self, block_ids) -> None:
         self._plan = None  # it may name the released slots

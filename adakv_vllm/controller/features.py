@@ -38,6 +38,10 @@ FEATURE_NAMES: tuple[str, ...] = (
     "confidence",
     "has_dist",
 )
+# The precisions whose reconstruction error the worker measures for every written token (the
+# log_qerr features, in this order); 16 bits has none.
+QERR_BITS: tuple[int, ...] = (2, 4, 8)
+NUM_QERR = len(QERR_BITS)
 MAX_POSITION = 8192
 LOG_QERR_RANGE = (-12.0, 2.0)
 # ln of typical relative errors at 2/4/8 bits (examples/quant_error.py): used when a writer reported none

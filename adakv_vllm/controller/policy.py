@@ -18,11 +18,15 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from adakv_vllm.controller import features as feats
 from adakv_vllm.quant.precision import PRECISIONS
+
+if TYPE_CHECKING:
+    from adakv_vllm.config import AdaKVConfig
 
 # The weights shipped for SmolLM2-135M (trained by `adakv train-controller`, card beside them).
 SHIPPED_WEIGHTS = Path(__file__).parent / "weights" / "smollm2-135m.safetensors"
@@ -52,6 +56,7 @@ class BlockTokens:
 
 class Policy:
     name = "base"
+    reads_qerr = False  # does `scores` read BlockTokens.qerr (the worker then measures it each step)?
 
     def __init__(self, target_bits: float, seed: int = 0, sink_tokens: int = 0):
         self.target_bits, self.seed, self.sink_tokens = target_bits, seed, sink_tokens
@@ -88,6 +93,7 @@ class RandomPolicy(Policy):
 
 class RulePolicy(Policy):
     name = "rule"
+    reads_qerr = True
 
     def scores(self, block):
         num_tokens = block.token_ids.numel()
@@ -107,6 +113,7 @@ class RulePolicy(Policy):
 
 class LearnedPolicy(Policy):
     name = "learned"
+    reads_qerr = True
 
     def __init__(self, target_bits, seed=0, sink_tokens=0, vocab_size=None, weights=None, expect=None):
         from adakv_vllm.controller import model as controller_model
@@ -139,18 +146,26 @@ class LearnedPolicy(Policy):
 POLICIES = {cls.name: cls for cls in (StaticPolicy, RandomPolicy, RulePolicy, LearnedPolicy)}
 
 
-def resolve(name: str, vocab_size: int | None, weights: str | None) -> str:
-    """`auto` -> `learned` when the controller weights fit this vocabulary (the shipped ones fit
-    SmolLM2-135M), else `rule`, the best policy without a trained controller. Other names pass."""
+def resolve(
+    name: str, vocab_size: int | None, weights: str | None, expect: dict[str, str]
+) -> tuple[str, str]:
+    """-> (the policy to run, why). `auto` -> `learned` when the controller fits this run -- the
+    shipped weights (SmolLM2-135M) when their vocabulary and quantizer settings (`expect`, see
+    controller_expectations) match, else `rule`, the best policy without a trained controller.
+    Weights the user names are always used: a missing, corrupt or mismatched file is then an error
+    (raised by make_policy), never a silent fallback. Other names pass unchanged."""
     if name != "auto":
-        return name
+        return name, "asked for"
+    if weights is not None:
+        return "learned", f"auto: controller_weights {weights}"
     from adakv_vllm.controller import model as controller_model
 
-    try:
-        metadata = controller_model.read_metadata(weights or SHIPPED_WEIGHTS)
-    except ValueError:
-        return "rule"
-    return "learned" if metadata.get("vocab_size") == str(vocab_size) else "rule"
+    metadata = controller_model.read_metadata(SHIPPED_WEIGHTS)
+    wanted = {"vocab_size": str(vocab_size), **expect}
+    misfit = [f"{k} {metadata.get(k)!r} (this run: {v!r})" for k, v in wanted.items() if metadata.get(k) != v]
+    if misfit:
+        return "rule", "auto: the shipped controller was trained with " + ", ".join(misfit)
+    return "learned", "auto: the shipped controller fits this model and quantizer"
 
 
 def make_policy(name: str, target_bits: float, seed: int = 0, sink_tokens: int = 0, **learned) -> Policy:
@@ -161,6 +176,17 @@ def make_policy(name: str, target_bits: float, seed: int = 0, sink_tokens: int =
     if name == "learned":
         return LearnedPolicy(target_bits, seed, sink_tokens, **learned)
     return POLICIES[name](target_bits, seed, sink_tokens)
+
+
+def policy_for(cfg: AdaKVConfig, vocab_size: int | None) -> tuple[Policy, str]:
+    """The policy an engine runs for its options (`auto` resolved) and why. Loads and validates
+    the learned controller's weights, so call it at engine start: errors name the file."""
+    expect = controller_expectations(cfg.group_size, cfg.rotate_keys)
+    name, why = resolve(cfg.policy, vocab_size, cfg.controller_weights, expect)
+    learned = {}
+    if name == "learned":
+        learned = dict(vocab_size=vocab_size, weights=cfg.controller_weights, expect=expect)
+    return make_policy(name, cfg.target_bits, cfg.seed, cfg.sink_tokens, **learned), why
 
 
 def controller_expectations(group_size: int, rotate_keys: bool) -> dict[str, str]:

@@ -16,7 +16,7 @@ import functools
 import logging
 
 from adakv_vllm import config as adakv_config
-from adakv_vllm.quant.format import check_head_size
+from adakv_vllm.quant.format import STORAGE_DTYPES, check_head_size
 
 logger = logging.getLogger("vllm.adakv")
 
@@ -103,8 +103,15 @@ def _activate(platform_cls, vllm_config) -> None:
         )
     if vllm_config.speculative_config is not None:
         raise ValueError("AdaKV does not support speculative decoding yet")
+    if vllm_config.kv_transfer_config is not None:
+        # A connector moves KV blocks behind the backend's back: it would skip staging and sealing.
+        raise ValueError("AdaKV does not support KV connectors (--kv-transfer-config) yet")
     model = vllm_config.model_config
     if model is not None:
+        if model.dtype not in STORAGE_DTYPES:
+            raise ValueError(
+                f"AdaKV caches the model's 16-bit K/V: --dtype must be bfloat16 or float16, got {model.dtype}"
+            )
         check_head_size(model.get_head_size())
         if model.use_mla:
             raise ValueError("AdaKV does not support MLA attention models")
@@ -128,20 +135,12 @@ def _activate(platform_cls, vllm_config) -> None:
 
 
 def _check_controller(cfg, vllm_config) -> None:
-    """Load the learned policy's weights now, so a missing, corrupt or mismatched file is a clear
-    error at start instead of an EngineCore crash."""
-    if cfg.policy != "learned":
-        return
-    from adakv_vllm.controller.policy import controller_expectations, make_policy
+    """Resolve the policy and load the learned controller's weights now, so a missing, corrupt or
+    mismatched file is a clear error at start instead of an EngineCore crash."""
+    from adakv_vllm.controller.policy import policy_for
 
     model = vllm_config.model_config
-    make_policy(
-        "learned",
-        cfg.target_bits,
-        vocab_size=model.get_vocab_size() if model is not None else None,
-        weights=cfg.controller_weights,
-        expect=controller_expectations(cfg.group_size, cfg.rotate_keys),
-    )
+    policy_for(cfg, model.get_vocab_size() if model is not None else None)
 
 
 # ---- CLI -----------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ Each step:
       2. super().schedule() -- blocks allocated now are fresh ids: drop them from candidates and
          from the sealed set (the worker re-opens a block on its first write)
       3. policy scores -> planner bits per token under the page budget; attach to SchedulerOutput
-         as `adakv_seal = (block_ids [n] int64, bits [n, block_size] int64)` and
+         as `adakv_seal = SealList(block_ids [n] int64, bits [n, block_size] int64, owners)` and
          `adakv_release = [block ids]` (partial blocks of freed requests: they never seal)
     update_from_output()
       store the worker's per-token features (quantization error by slot, sampled-token entropy)
+The per-block bookkeeping (sealed blocks, pending features, freed blocks) is engine/seal_book.py.
 
 Prefix-caching rule: a block is sealed once, by the first step after it is full, whoever wrote it;
 requests that hit it later read that page. Bits are a deterministic function of the block's tokens,
@@ -20,7 +21,6 @@ prefix gets the same bits on any server.
 
 from __future__ import annotations
 
-import collections
 import logging
 
 import torch
@@ -30,12 +30,11 @@ from adakv_vllm.attention import runtime
 from adakv_vllm.blocks import planner
 from adakv_vllm.blocks import spec as spec_glue
 from adakv_vllm.config import from_vllm_config
-from adakv_vllm.controller.policy import BlockTokens, controller_expectations, make_policy, resolve
+from adakv_vllm.controller.policy import policy_for
+from adakv_vllm.engine.seal_book import Candidate, SealBook, SealList
 from adakv_vllm.quant.precision import PRECISIONS
 
 logger = logging.getLogger("vllm.adakv")
-
-NUM_QERR = 3  # features: relative error at 2, 4, 8 bits
 
 
 class AdaKVScheduler(Scheduler):
@@ -48,30 +47,16 @@ class AdaKVScheduler(Scheduler):
         group = self.kv_cache_config.kv_cache_groups[0]
         self.layout = spec_glue.layout_of_spec(group.kv_cache_spec, self.adakv)
         self.num_layers = len(group.layer_names)
-        vocab_size = self.vllm_config.model_config.get_vocab_size()
-        self.policy_name = resolve(self.adakv.policy, vocab_size, self.adakv.controller_weights)
-        learned = {}
-        if self.policy_name == "learned":
-            learned = dict(
-                vocab_size=vocab_size,
-                weights=self.adakv.controller_weights,
-                expect=controller_expectations(self.adakv.group_size, self.adakv.rotate_keys),
-            )
-        self.policy = make_policy(
-            self.policy_name, self.adakv.target_bits, self.adakv.seed, self.adakv.sink_tokens, **learned
+        self.policy, self.policy_reason = policy_for(
+            self.adakv, self.vllm_config.model_config.get_vocab_size()
         )
+        self.policy_name = self.policy.name
         heads = self.layout.num_kv_heads
         # bytes one token costs in a page at each precision (K and V records of every head)
         self.token_cost = torch.tensor([2 * heads * self.layout.record.record_bytes(p) for p in PRECISIONS])
         self.page_budget = self.layout.page_bytes - self.layout.header_bytes
         self.prefix_caching = bool(self.cache_config.enable_prefix_caching)
-        self._sealed: set[int] = set()
-        self._qerr: dict[int, torch.Tensor] = {}  # block id -> [block_size, 3]
-        # block id -> (token ids up to the block's end, first position, sampled-token features)
-        self._freed_full: dict[int, tuple[list[int], int, dict]] = {}
-        # request id -> {position: (entropy, probability)} of its sampled tokens not yet sealed
-        self._sampled: dict[str, dict[int, tuple[float, float]]] = {}
-        self._freed_partial: list[int] = []
+        self.book = SealBook(self.layout.block_size)
         self.bits_histogram = torch.zeros(len(PRECISIONS), dtype=torch.int64)
         self._log_startup()
 
@@ -93,10 +78,11 @@ class AdaKVScheduler(Scheduler):
     def _log_startup(self) -> None:
         cap = self.capacity_report()
         logger.info(
-            "AdaKV active: %s (policy in use: %s); page %d bytes (block_size %d, %d KV heads, "
+            "AdaKV active: %s (policy in use: %s -- %s); page %d bytes (block_size %d, %d KV heads, "
             "head_size %d); KV capacity %d tokens vs %d at bf16 in the same %.1f MiB (%.2fx)",
             self.adakv.describe(),
             self.policy_name,
+            self.policy_reason,
             self.layout.page_bytes,
             self.layout.block_size,
             self.layout.num_kv_heads,
@@ -109,28 +95,26 @@ class AdaKVScheduler(Scheduler):
 
     # ---- step --------------------------------------------------------------------------------
     def schedule(self, *args, **kwargs):
-        bs = self.layout.block_size
-        candidates = {b: v for b, v in self._freed_full.items() if b not in self._sealed}
-        self._freed_full = {}
+        book = self.book
+        candidates = book.take_freed_full()
         for request in self.running:
             block_ids = self.kv_cache_manager.get_block_ids(request.request_id)[0]
-            tokens = request.all_token_ids
-            for i in range(min(request.num_computed_tokens // bs, len(block_ids))):
-                block = block_ids[i]
-                if block not in self._sealed and block not in candidates:
-                    sampled = self._sampled.setdefault(request.request_id, {})
-                    candidates[block] = (list(tokens[: (i + 1) * bs]), i * bs, sampled)
+            found = book.collect(
+                request.request_id, block_ids, request.num_computed_tokens, request.all_token_ids
+            )
+            for block, candidate in found.items():
+                candidates.setdefault(block, candidate)
 
         output = super().schedule(*args, **kwargs)
 
         for block in self._newly_allocated(output):
             # A fresh id: whatever it held before (sealed page, pending seal of a request freed
             # inside this very schedule() call) is gone; the new owner's writes re-open it.
-            self._sealed.discard(block)
-            self._qerr.pop(block, None)
+            book.forget(block)
             candidates.pop(block, None)
-            self._freed_full.pop(block, None)
-        output.adakv_release, self._freed_partial = self._freed_partial, []
+        for block, candidate in book.take_freed_full().items():  # freed inside this schedule() call
+            candidates.setdefault(block, candidate)
+        output.adakv_release = book.take_releases()
         output.adakv_seal = self._plan(candidates) if candidates else None
         return output
 
@@ -153,83 +137,57 @@ class AdaKVScheduler(Scheduler):
                 fresh.update(block_ids[0])
         return fresh
 
-    def _plan(self, candidates: dict[int, tuple[list[int], int, dict]]):
+    def _plan(self, candidates: dict[int, Candidate]) -> SealList:
         bs = self.layout.block_size
         block_ids = sorted(candidates)
         bits = torch.empty(len(block_ids), bs, dtype=torch.int64)
         for row, block in enumerate(block_ids):
-            prefix, start, sampled = candidates[block]
+            candidate = candidates[block]
             if self.adakv.target_bits >= PRECISIONS[-1].bits:
                 bits[row] = PRECISIONS[-1].bits  # every policy stores FP16 at 16 bits
             else:
-                tokens = self._block_tokens(block, prefix, start, sampled)
+                tokens = self.book.block_tokens(block, candidate)
                 weight, distortion = self.policy.scores(tokens)
                 floor = self.policy.floor(tokens)
                 bits[row] = planner.allocate(weight, distortion, self.token_cost, self.page_budget, floor)
-            self._sealed.add(block)
-            self._qerr.pop(block, None)
-            for position in range(start, start + bs):
-                sampled.pop(position, None)
+            self.book.mark_sealed(block, candidate)
         for i, p in enumerate(PRECISIONS):
             self.bits_histogram[i] += int((bits == p.bits).sum())
-        return torch.tensor(block_ids, dtype=torch.int64), bits
-
-    def _block_tokens(self, block: int, prefix: list[int], start: int, sampled: dict) -> BlockTokens:
-        """prefix: the sequence's tokens up to the end of this block; start: its first position;
-        sampled: {position: (entropy, probability)} of the sequence's sampled tokens."""
-        bs = self.layout.block_size
-        seen = collections.Counter(prefix[:start])
-        prior = []
-        for token in prefix[start:]:
-            prior.append(seen[token])
-            seen[token] += 1
-        prior_count = torch.tensor(prior, dtype=torch.int64)
-        qerr = self._qerr.get(block)
-        return BlockTokens(
-            token_ids=torch.tensor(prefix[start:], dtype=torch.int64),
-            positions=torch.arange(start, start + bs),
-            qerr=qerr if qerr is not None else torch.full((bs, NUM_QERR), float("nan")),
-            first_occurrence=prior_count == 0,
-            prior_count=prior_count,
-            sampled=torch.tensor([sampled.get(p, (float("nan"),) * 2) for p in range(start, start + bs)]),
-        )
+        owners = [candidates[b].request_id for b in block_ids]
+        return SealList(torch.tensor(block_ids, dtype=torch.int64), bits, owners)
 
     # ---- features and freeing ----------------------------------------------------------------
     def update_from_output(self, scheduler_output, model_runner_output):
-        features = getattr(model_runner_output, "adakv_features", None)
-        if features is not None and features.get("slots") is not None:
-            self._store_qerr(features["slots"], features["qerr"])
+        features = getattr(model_runner_output, "adakv_features", None) or {}
+        if features.get("slots") is not None:
+            self.book.store_qerr(features["slots"], features["qerr"])
+        self._unseal(scheduler_output, features.get("unsealed") or [])
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        for req_id, values in (features or {}).get("sampled", {}).items():
+        for req_id, values in features.get("sampled", {}).items():
             request = self.requests.get(req_id)
             if request is not None:  # its sampled token is the last one, written next step
-                self._sampled.setdefault(req_id, {})[request.num_tokens - 1] = values
-        for req_id, (positions, entropy, prob) in (features or {}).get("prompt", {}).items():
+                self.book.record_sampled(req_id, [request.num_tokens - 1], [values])
+        for req_id, (positions, entropy, prob) in features.get("prompt", {}).items():
             if req_id in self.requests:
-                table = self._sampled.setdefault(req_id, {})
-                table.update(zip(positions, zip(entropy, prob, strict=True), strict=True))
+                self.book.record_sampled(req_id, positions, list(zip(entropy, prob, strict=True)))
         return outputs
 
-    def _store_qerr(self, slots: torch.Tensor, qerr: torch.Tensor) -> None:
-        bs = self.layout.block_size
-        blocks, offsets = (slots // bs).tolist(), (slots % bs).tolist()
-        for block, offset, row in zip(blocks, offsets, qerr, strict=True):
-            table = self._qerr.get(block)
-            if table is None:
-                table = self._qerr[block] = torch.full((bs, NUM_QERR), float("nan"))
-            table[offset] = row
+    def _unseal(self, scheduler_output, unsealed: list[int]) -> None:
+        """The worker could not seal these blocks of this step's seal list (nothing staged): they
+        are not sealed, and their bits never counted."""
+        seal = getattr(scheduler_output, "adakv_seal", None)
+        if not unsealed or seal is None:
+            return
+        rows = [i for i, b in enumerate(seal.block_ids.tolist()) if b in set(unsealed)]
+        for i, p in enumerate(PRECISIONS):
+            self.bits_histogram[i] -= int((seal.bits[rows] == p.bits).sum())
+        for block in unsealed:
+            self.book.sealed.discard(block)
 
     def _free_request_blocks(self, request) -> None:
-        bs = self.layout.block_size
         block_ids = self.kv_cache_manager.get_block_ids(request.request_id)[0]
-        num_full = min(request.num_computed_tokens // bs, len(block_ids))
-        tokens = request.all_token_ids
-        sampled = self._sampled.pop(request.request_id, {})
-        for i, block in enumerate(block_ids):
-            if i < num_full and self.prefix_caching:
-                # Full blocks stay in vLLM's prefix cache: they must still be sealed.
-                if block not in self._sealed:
-                    self._freed_full[block] = (list(tokens[: (i + 1) * bs]), i * bs, sampled)
-            elif block not in self._sealed:
-                self._freed_partial.append(block)
+        num_full = min(request.num_computed_tokens // self.layout.block_size, len(block_ids))
+        self.book.free_request(
+            request.request_id, block_ids, num_full, request.all_token_ids, keep_full=self.prefix_caching
+        )
         super()._free_request_blocks(request)

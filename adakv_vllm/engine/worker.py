@@ -27,10 +27,10 @@ from adakv_vllm.blocks import spec as spec_glue
 from adakv_vllm.blocks.staging import StagingArea
 from adakv_vllm.blocks.store import KVStore
 from adakv_vllm.config import from_vllm_config
+from adakv_vllm.controller.policy import POLICIES, controller_expectations, resolve
+from adakv_vllm.engine.faults import FaultInjector
 
 logger = logging.getLogger("vllm.adakv.worker")
-
-QERR_POLICIES = ("auto", "rule", "learned")  # policies that read each token's quantization error
 
 
 def staging_slots(vllm_config, block_size: int) -> int:
@@ -61,6 +61,16 @@ class AdaKVWorker(CPUWorker):
             raise RuntimeError("AdaKVWorker started without the AdaKV plugin being asked for")
         runtime.set_config(self.adakv)
         super().__init__(vllm_config, *args, **kwargs)
+        # static and random never read each token's quantization error: skip measuring it
+        name, _ = resolve(
+            self.adakv.policy,
+            vllm_config.model_config.get_vocab_size(),
+            self.adakv.controller_weights,
+            controller_expectations(self.adakv.group_size, self.adakv.rotate_keys),
+        )
+        self._reads_qerr = POLICIES[name].reads_qerr
+        self._faults = FaultInjector.from_env(vllm_config.cache_config.block_size)
+        self._unsealed: list[int] = []
 
     def determine_available_memory(self) -> int:
         available = super().determine_available_memory()
@@ -98,10 +108,12 @@ class AdaKVWorker(CPUWorker):
         if release:
             store.release(release)
         seal = getattr(scheduler_output, "adakv_seal", None)
+        self._unsealed = []
         if seal is not None:
-            block_ids, bits = seal
-            store.seal(block_ids, bits, bits)
+            self._unsealed = store.seal(seal.block_ids, seal.bits, seal.bits, owners=seal.owners)
         output = super().execute_model(scheduler_output)
+        if self._faults is not None:
+            self._faults.after_forward(scheduler_output, store)
         if output is not None:
             output = self._attach(output, None)
         return output
@@ -131,7 +143,7 @@ class AdaKVWorker(CPUWorker):
                 hidden = state.hidden_states[offset : offset + count]
                 logp = torch.log_softmax(runner.model.compute_logits(hidden).float(), dim=-1)  # [count, V]
                 following = torch.from_numpy(batch.token_ids_cpu[index, start + 1 : start + 1 + count]).long()
-                entropy = -(logp.exp() * logp).sum(-1)
+                entropy = entropy_of(logp)
                 prob = logp.gather(1, following[:, None]).squeeze(1).exp()
                 out[req_id] = (list(range(start + 1, start + 1 + count)), entropy.tolist(), prob.tolist())
             offset += n
@@ -142,13 +154,11 @@ class AdaKVWorker(CPUWorker):
 
         if output is EMPTY_MODEL_RUNNER_OUTPUT:
             output = copy.copy(output)  # never mutate the shared singleton
-        # static and random ignore the quantization-error feature: skip its cost
-        uses_qerr = self.adakv.policy in QERR_POLICIES
-        features = (runtime.store().step_features() if uses_qerr else None) or {}
+        features = (runtime.store().step_features() if self._reads_qerr else None) or {}
         sampled = {}
         if logits is not None and output.req_ids:
             logp = torch.log_softmax(logits[: len(output.req_ids)].float(), dim=-1)  # [R, V]
-            entropy = -(logp.exp() * logp).sum(-1)
+            entropy = entropy_of(logp)
             for rid, i in output.req_id_to_index.items():
                 tokens = output.sampled_token_ids[i] if output.sampled_token_ids else []
                 if tokens:
@@ -158,5 +168,13 @@ class AdaKVWorker(CPUWorker):
             "qerr": features.get("qerr"),
             "sampled": sampled,
             "prompt": prompt or {},
+            "unsealed": self._unsealed,
         }
+        self._unsealed = []
         return output
+
+
+def entropy_of(logp: torch.Tensor) -> torch.Tensor:
+    """logp: [R, V] log-probabilities -> [R] entropy in nats. Tokens a grammar masked out (structured
+    output sets their logits to -inf in place) have p = 0 and add nothing (0 * -inf would be NaN)."""
+    return torch.special.entr(logp.exp()).sum(-1)

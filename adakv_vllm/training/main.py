@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -104,11 +105,8 @@ def main(argv=None) -> int:
     probe = None
     shards = []
     for k in range(0, len(starts), args.shard):
-        path = (
-            work
-            / f"labels-{settings.window}-{settings.horizon}-{settings.position_stride}-{k:04d}.safetensors"
-        )
         chunk = starts[k : k + args.shard]
+        path = work / f"labels-{shard_key(model_path, settings, chunk)}.safetensors"
         if not path.exists():
             if probe is None:
                 model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -275,6 +273,20 @@ def _save_atomic(tensors: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     tmp.rename(path)
+
+
+def shard_key(model_path: str, settings: LabelSettings, starts: list[int]) -> str:
+    """What a label shard depends on: the model (its folder and config), every label setting (the
+    quantizer included) and the windows it labels. A rerun with any of them changed labels anew
+    instead of reusing stale shards."""
+    config = Path(model_path) / "config.json"
+    parts = [
+        str(Path(model_path).resolve()) if config.is_file() else model_path,
+        config.read_text() if config.is_file() else "",
+        json.dumps(dataclasses.asdict(settings), sort_keys=True),
+        json.dumps(starts),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def _load(path: Path) -> dict:

@@ -50,7 +50,7 @@ def test_seal_16_bits_is_exact_and_frees_staging():
     store = make_store(target=16)
     written = write_tokens(store, [5 * BS + i for i in range(BS)])
     bits = torch.full((1, BS), 16)
-    assert store.seal(torch.tensor([5]), bits, bits) == 1
+    assert store.seal(torch.tensor([5]), bits, bits) == []
     assert bool(store.sealed[5]) and store.staging.num_used == 0
     for layer, (k, v) in enumerate(written):
         key, value = store.gather(layer, torch.tensor([5]))
@@ -82,8 +82,74 @@ def test_write_reopens_a_sealed_block():
 
 def test_seal_skips_unstaged_and_sealed_blocks():
     store = make_store()
-    bits = torch.full((2, BS), 16)
-    assert store.seal(torch.tensor([7, 8]), bits, bits) == 0
+    write_tokens(store, [BS * 4 + i for i in range(BS)])
+    bits = torch.full((3, BS), 16)
+    assert store.seal(torch.tensor([4]), bits[:1], bits[:1]) == []
+    # 4 is sealed already (skipped quietly); 7 and 8 were never written: returned as unsealed
+    assert store.seal(torch.tensor([4, 7, 8]), bits, bits) == [7, 8]
+    assert not bool(store.sealed[7]) and not bool(store.sealed[8])
+
+
+# One poisoned token per case: (key or value, the value written, target bits, sanitised). NaNs and
+# over-long keys used to make KVStore.seal raise inside the worker, which kills the engine for every
+# request; an inf is clamped to the quantizable bound as before (no warning).
+POISON = [
+    ("key", float("nan"), 16, True),
+    ("value", float("nan"), 16, True),
+    ("key", float("nan"), 4, True),
+    ("value", float("nan"), 2, True),
+    ("value", float("inf"), 4, False),
+    ("key", float("inf"), 16, False),
+    ("key", float("-inf"), 2, False),
+    ("key", "long", 4, True),  # a finite row of 6000s: norm 48000, rotates past the fp16-scale range
+]
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["compiled", "torch"])
+@pytest.mark.parametrize(("part", "poison", "target", "sanitised"), POISON)
+def test_seal_never_raises_on_values_the_model_wrote(
+    monkeypatch, caplog, part, poison, target, sanitised, use_kernel
+):
+    from adakv_vllm.blocks import store as store_module
+    from adakv_vllm.kernels import library
+
+    if not use_kernel:
+        monkeypatch.setattr(library, "load", lambda: None)
+    store = make_store(target=target)
+    written = write_tokens(store, [6 * BS + i for i in range(BS)])
+    x = store.staging.key if part == "key" else store.staging.value
+    slot = int(store.staging.slot_of_block[6])
+    if poison == "long":
+        x[1, slot, 3, 2] = 6000.0  # layer 1, token 3, KV head 2: the whole row
+    else:
+        x[1, slot, 3, 2, 5] = poison  # one element of that row
+    bits = torch.full((1, BS), target)
+    store_module.logger.addHandler(caplog.handler)  # vLLM's logging config may stop propagation
+    try:
+        assert store.seal(torch.tensor([6]), bits, bits, owners=["req-poisoned"]) == []
+    finally:
+        store_module.logger.removeHandler(caplog.handler)
+    assert bool(store.sealed[6]) and ("req-poisoned" in caplog.text) == sanitised
+    key, value = store.gather(1, torch.tensor([6]))
+    assert torch.isfinite(key).all() and torch.isfinite(value).all()
+    got = (key if part == "key" else value)[0, 3, 2].float()
+    if poison == "long":
+        assert got.norm() <= store_module.MAX_KEY_NORM * 1.05
+    # every other token and head is stored as it would have been (here: exactly, at 16 bits)
+    if target == 16:
+        k, v = written[1]
+        mask = torch.ones(BS, H, dtype=torch.bool)
+        mask[3, 2] = False
+        assert torch.equal(key[0][mask], k[mask]) and torch.equal(value[0][mask], v[mask])
+
+
+def test_sanitize_counts_only_changed_values():
+    store = make_store(target=4)
+    write_tokens(store, [2 * BS + i for i in range(BS)])
+    slot = int(store.staging.slot_of_block[2])
+    store.staging.value[0, slot, 0, 0, :3] = float("nan")
+    assert store.sanitize_staged(torch.tensor([2])).tolist() == [3]
+    assert store.sanitize_staged(torch.tensor([2])).tolist() == [0]
 
 
 def test_release_and_capacity():

@@ -173,10 +173,25 @@ def test_learned_policy_rejects_another_models_vocab():
         make_policy("learned", 3, vocab_size=32000, expect=controller_expectations(32, True))
 
 
-def test_auto_policy_is_learned_for_the_shipped_model_and_rule_elsewhere(tmp_path):
-    from adakv_vllm.controller.policy import resolve
+def test_auto_policy_is_learned_only_where_the_shipped_controller_fits(tmp_path):
+    from adakv_vllm.config import AdaKVConfig
+    from adakv_vllm.controller.policy import policy_for, resolve
 
-    assert resolve("auto", VOCAB, None) == "learned"
-    assert resolve("auto", 32000, None) == "rule"  # another model: no controller trained for it
-    assert resolve("auto", VOCAB, str(tmp_path / "missing.safetensors")) == "rule"
-    assert resolve("random", VOCAB, None) == "random"
+    fits = controller_expectations(32, True)
+    assert resolve("auto", VOCAB, None, fits)[0] == "learned"
+    assert resolve("auto", 32000, None, fits)[0] == "rule"  # another model: no controller trained for it
+    # another quantizer: the qerr features would mean something else, so the engine would refuse the weights
+    name, why = resolve("auto", VOCAB, None, controller_expectations(64, True))
+    assert name == "rule" and "group_size" in why
+    assert resolve("auto", VOCAB, None, controller_expectations(32, False))[0] == "rule"
+    assert resolve("random", VOCAB, None, fits) == ("random", "asked for")
+    # weights the user names are used, also under auto: a missing or corrupt file is an error naming it
+    missing = tmp_path / "missing.safetensors"
+    with pytest.raises(ValueError, match="missing.safetensors"):
+        policy_for(AdaKVConfig(policy="auto", controller_weights=str(missing)), VOCAB)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="corrupt.safetensors"):
+        policy_for(AdaKVConfig(policy="auto", controller_weights=str(corrupt)), VOCAB)
+    policy, why = policy_for(AdaKVConfig(policy="auto", group_size=64), VOCAB)
+    assert policy.name == "rule" and "group_size" in why

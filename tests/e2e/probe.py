@@ -39,15 +39,14 @@ def main(spec: dict) -> dict:
         AdaKVScheduler._preempt_request = counting_preempt
 
         def recording_plan(self, candidates):
-            bs = self.layout.block_size
-            for _, start, sampled in candidates.values():
-                for p in sorted(sampled):
-                    if start <= p < start + bs:
-                        sampled_positions.append([p, *sampled[p]])
-            block_ids, bits = original(self, candidates)
-            for block, row in zip(block_ids.tolist(), bits.tolist(), strict=True):
+            for c in candidates.values():
+                for offset, (entropy, prob) in enumerate(c.sampled):
+                    if entropy == entropy:  # known (not NaN)
+                        sampled_positions.append([c.start + offset, entropy, prob])
+            seal = original(self, candidates)
+            for block, row in zip(seal.block_ids.tolist(), seal.bits.tolist(), strict=True):
                 decisions[block] = row
-            return block_ids, bits
+            return seal
 
         AdaKVScheduler._plan = recording_plan
 
@@ -61,6 +60,7 @@ def main(spec: dict) -> dict:
         seed=spec.get("seed"),
         max_tokens=spec.get("max_tokens", 64),
         n=spec.get("n", 1),
+        ignore_eos=spec.get("ignore_eos", False),
     )
     outputs = llm.generate(spec["prompts"], params, use_tqdm=False)
     report = {
