@@ -9,7 +9,9 @@ from pathlib import Path
 ENV_VARS: dict[str, tuple[str | None, str]] = {
     "ADAKV_CACHE_DIR": (
         None,
-        "folder for the converted embedded model (default: $XDG_CACHE_HOME/adakv or ~/.cache/adakv)",
+        "folder for the converted embedded model and the compiled CPU library in ext/ (default: "
+        "$XDG_CACHE_HOME/adakv or ~/.cache/adakv); the library is not used from a folder that another "
+        "user owns or group/others can write",
     ),
     "ADAKV_KV_CACHE_PLUGIN": (
         None,

@@ -19,6 +19,15 @@ minutes torch/extension.h costs; a cached build loads in well under a second. Ca
 flags + torch version + CPU flags under $ADAKV_CACHE_DIR/ext/<hash> (default ~/.cache/adakv/ext/<hash>),
 behind an flock so that concurrent processes build once.
 
+Trust: loading a shared library runs its code (constructors run at dlopen, before any symbol check),
+so whoever can write where it lies can run code in every process that loads it. Hence:
+  - the cache root, ext/ and ext/<hash> are created 0700, and a folder among them that another user
+    owns or that group or others can write is refused (UnsafeCacheFolder);
+  - right after a build, the .so's sha256 is recorded beside it (<name>.so.sha256, written atomically);
+    a .so is loaded only when its sha256 equals that record, else the folder is emptied and rebuilt;
+  - the check and the dlopen happen under the build flock, so no cooperating process swaps the file in
+    between. A build runs in an emptied folder, never over files we have not verified.
+
 Threads: the kernels open an OpenMP region of torch.get_num_threads() threads, exactly what
 at::parallel_for does under torch's OpenMP backend. The library's libgomp.so.1 dependency resolves,
 by SONAME, to the copy torch has already loaded (checked by test_cpu_decode), so it runs on the thread
@@ -33,7 +42,10 @@ import fcntl
 import functools
 import hashlib
 import logging
+import os
 import platform
+import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -52,9 +64,17 @@ SOURCES = tuple(CSRC / name for name in ("cpu_decode.cpp", "cpu_qerr.cpp", "cpu_
 HEADERS = tuple(CSRC / name for name in ("cpu_layout.h", "cpu_quant.h"))
 CFLAGS = ("-O3", "-march=native", "-fopenmp")
 LDFLAGS = ("-fopenmp",)
+LOCK_NAME = "adakv-build.lock"
+# beside the .so: "<sha256>  <name>.so", the sha256sum format
+RECORD_SUFFIX = ".sha256"
+
 
 class FusedKernelUnavailable(RuntimeError):
     """The fused kernel was asked for (ADAKV_CPU_ATTENTION=fused) but cannot be built or loaded."""
+
+
+class UnsafeCacheFolder(RuntimeError):
+    """A folder the library would be built in or loaded from is not private to this user."""
 
 
 def _cpu_signature() -> str:
@@ -203,32 +223,115 @@ class Kernel:
 
 
 def build() -> Kernel:
-    """Compile (or load the cached build of) the kernel. Safe when several processes call it."""
+    """Compile (or load the verified cached build of) the library. Safe when several processes call it.
+
+    Raises UnsafeCacheFolder when the cache root, ext/ or ext/<key> is owned by another user or
+    writable by group or others; a cached .so whose sha256 is not the one recorded when it was built
+    is never loaded, but discarded and rebuilt.
+    """
+    key = build_key()
+    root = envs.cache_dir()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    directory = root / "ext" / key
+    for folder in (root, root / "ext", directory):
+        _private_folder(folder)
+    name = f"adakv_cpu_decode_{key}"
+    path = directory / f"{name}.so"
+    record = path.with_name(path.name + RECORD_SUFFIX)
+    with _exclusive(directory / LOCK_NAME):
+        if not _matches_record(path, record):
+            _compile(directory, name, path)
+            _write_record(record, path)
+        return Kernel(str(path))
+
+
+def _private_folder(folder: Path) -> None:
+    """Create `folder` 0700 when missing; UnsafeCacheFolder unless this user owns it and only it can write."""
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = folder.stat()
+    advice = "use a private folder (ADAKV_CACHE_DIR) or fix it: chown to this user, chmod 700"
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeCacheFolder(f"{folder}: not a folder; {advice}")
+    if info.st_uid != os.geteuid():
+        raise UnsafeCacheFolder(
+            f"{folder}: owned by uid {info.st_uid}, not by this user (uid {os.geteuid()}); the compiled "
+            f"library is loaded from it, so its owner could run code in this process; {advice}"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeCacheFolder(
+            f"{folder}: writable by group or others (mode {stat.S_IMODE(info.st_mode):o}); the compiled "
+            f"library is loaded from it, so they could run code in this process; {advice}"
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _matches_record(path: Path, record: Path) -> bool:
+    """True when `path` exists and its sha256 is the one recorded beside it when it was built."""
+    if not path.exists():
+        return False
+    try:
+        recorded = record.read_text().split()[0]
+    except (OSError, IndexError):
+        logger.info("%s has no build record; rebuilding it rather than trusting it", path)
+        return False
+    actual = _sha256(path)
+    if actual != recorded:
+        logger.warning(
+            "%s does not match the sha256 recorded when it was built (%s, recorded %s); "
+            "not loading it, rebuilding", path, actual, recorded,
+        )  # fmt: skip
+        return False
+    return True
+
+
+def _compile(directory: Path, name: str, path: Path) -> None:
+    """Build the library into `directory`, emptied first (but for our lock): no leftover object,
+    build.ninja or .so of unknown origin takes part. Call under the build flock.
+
+    Emptying also removes cpp_extension's own baton file ("lock"), which survives a killed build and
+    would block forever; under our flock no other process is building here, so a leftover one is stale.
+    """
     from torch.utils import cpp_extension
 
-    key = build_key()
-    directory = envs.cache_dir() / "ext" / key
-    directory.mkdir(parents=True, exist_ok=True)
-    with _exclusive(directory / "adakv-build.lock"):
-        # cpp_extension's own baton file survives a killed build and would block forever; under our
-        # flock no other process is building here, so a leftover one is stale.
-        (directory / "lock").unlink(missing_ok=True)
-        fresh = not any(directory.glob("*.so"))
-        if fresh:
-            logger.info("building the fused CPU attention kernel in %s (one-time)", directory)
-        start = time.perf_counter()
-        path = cpp_extension.load(
-            name=f"adakv_cpu_decode_{key}",
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=list(CFLAGS),
-            extra_ldflags=list(LDFLAGS),
-            build_directory=str(directory),
-            verbose=False,
-            is_python_module=False,
-        )
-        if fresh:
-            logger.info("built the fused CPU attention kernel in %.1f s", time.perf_counter() - start)
-    return Kernel(path)
+    for entry in directory.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    logger.info("building the fused CPU attention kernel in %s (one-time)", directory)
+    start = time.perf_counter()
+    built = cpp_extension.load(
+        name=name,
+        sources=[str(source) for source in SOURCES],
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
+        build_directory=str(directory),
+        verbose=False,
+        is_python_module=False,
+    )
+    if Path(built) != path:
+        # cpp_extension appends _v<n> when one process builds the same name in a second folder (tests do)
+        os.replace(built, path)
+    logger.info("built the fused CPU attention kernel in %.1f s", time.perf_counter() - start)
+
+
+def _write_record(record: Path, path: Path) -> None:
+    """Record `path`'s sha256 beside it, atomically (a crash leaves the old record or none)."""
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(f"{_sha256(path)}  {path.name}\n")
+    os.replace(tmp, record)
 
 
 @functools.cache
@@ -254,8 +357,9 @@ def fused_kernel() -> Kernel | None:
         return module
     if mode == "fused":
         raise FusedKernelUnavailable(
-            f"ADAKV_CPU_ATTENTION=fused but the fused CPU attention kernel cannot be built ({error!r}); "
-            "install a C++ compiler (g++) and ninja, or set ADAKV_CPU_ATTENTION=scratch"
+            "ADAKV_CPU_ATTENTION=fused but the fused CPU attention kernel cannot be built or loaded "
+            f"({error!r}); it needs a C++ compiler (g++), ninja and a private cache folder; "
+            "or set ADAKV_CPU_ATTENTION=scratch"
         ) from error
     _warn_fallback(error)
     return None
