@@ -61,7 +61,7 @@ def run(spec: dict) -> dict:
             if task == "wikitext":
                 windows = tasks.wikitext_windows(tokenizer, spec["wikitext_window"], spec["wikitext_limit"])
                 ref_path = Path(spec["reference_path"])
-                reference = torch.load(ref_path) if ref_path.is_file() else None
+                reference = torch.load(ref_path, weights_only=True) if ref_path.is_file() else None
                 if reference is None and not spec["is_reference"]:
                     raise RuntimeError(f"run the reference config first: {ref_path} is missing")
                 out, new_reference = tasks.eval_wikitext(llm, capture, windows, reference)
