@@ -13,11 +13,13 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
     ),
     "ADAKV_KV_CACHE_PLUGIN": (
         None,
-        "'adakv' switches the plugin on for engines built without additional_config (lm-eval, notebooks)",
+        "'adakv' switches the plugin on for engines whose additional_config names no kv_cache_plugin "
+        "(lm-eval, notebooks); an explicit kv_cache_plugin ('adakv' or 'none') always wins",
     ),
     "ADAKV_OPTIONS": (
         None,
-        "JSON object of AdaKV options used with ADAKV_KV_CACHE_PLUGIN, e.g. '{\"target_bits\": 4}'",
+        "JSON object of AdaKV options, read only with ADAKV_KV_CACHE_PLUGIN=adakv while the plugin is on, "
+        "e.g. '{\"target_bits\": 4}'",
     ),
     "ADAKV_OFFLINE": (
         "0",
