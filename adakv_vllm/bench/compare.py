@@ -40,6 +40,7 @@ import threading
 import time
 from pathlib import Path
 
+from adakv_vllm import envs
 from adakv_vllm.config import POLICIES, AdaKVConfig
 from adakv_vllm.eval.configs import CONFIGS, EvalConfig
 from adakv_vllm.model_store import resolve_model
@@ -192,7 +193,7 @@ def run_config(config: EvalConfig, settings: dict, label: str, args: argparse.Na
             "output": str(out),
         }
         env = {
-            **os.environ,
+            **envs.without_plugin_switch(os.environ),  # the config alone decides bf16 / fp8 / AdaKV
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in the child itself: its RSS is ours
             "VLLM_CPU_KVCACHE_SPACE": str(settings["kv_space_gib"]),
         }
