@@ -3,7 +3,10 @@
 Options come from vLLM's `additional_config` (`LLM(..., additional_config={...})`,
 `--additional-config '{...}'`, `--kv-cache-plugin adakv`) or, for clients that build `LLM(...)`
 themselves, from the environment (`ADAKV_KV_CACHE_PLUGIN=adakv`, `ADAKV_OPTIONS='{"target_bits": 4}'`).
-`additional_config` wins over the environment, key by key.
+
+Precedence: a `kv_cache_plugin` in `additional_config` ("adakv", or "none" = stock vLLM) always wins
+over ADAKV_KV_CACHE_PLUGIN; without one, the environment decides. ADAKV_OPTIONS is read only when
+ADAKV_KV_CACHE_PLUGIN=adakv and the plugin ends up on; `additional_config` keys win over it, key by key.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from adakv_vllm.quant.format import SUPPORTED_GROUP_SIZES
 from adakv_vllm.quant.precision import ALL_BITS
 
 PLUGIN_NAME = "adakv"
+PLUGIN_OFF = "none"  # an explicit "stock vLLM", which the environment cannot override
 PLUGIN_KEY = "kv_cache_plugin"
+PLUGIN_VALUES = (PLUGIN_NAME, PLUGIN_OFF)
 POLICIES = ("auto", "static", "random", "rule", "learned")
 
 
@@ -90,19 +95,22 @@ def requested_options(additional_config: Mapping[str, Any] | None) -> dict[str, 
     """The AdaKV options asked for, or None when the plugin is not asked for.
 
     additional_config: vLLM's dict. Keys other than ours belong to other plugins and are ignored,
-    except that naming another kv_cache_plugin is an error.
+    except that a kv_cache_plugin other than "adakv" / "none" is an error.
     """
-    merged: dict[str, Any] = {}
+    explicit = dict(additional_config or {})
     env_plugin = envs.kv_cache_plugin()
-    if env_plugin:
-        merged[PLUGIN_KEY] = env_plugin
-        merged.update(_env_options())
-    merged.update(dict(additional_config or {}))
-    plugin = merged.get(PLUGIN_KEY)
-    if plugin is None:
+    if PLUGIN_KEY in explicit:
+        plugin, source = explicit[PLUGIN_KEY], "kv_cache_plugin"
+    else:
+        plugin, source = env_plugin, "ADAKV_KV_CACHE_PLUGIN"
+    if plugin is not None and plugin not in PLUGIN_VALUES:
+        raise ValueError(
+            f"unknown {source} {plugin!r}; choose {PLUGIN_NAME!r} or {PLUGIN_OFF!r} (stock vLLM)"
+        )
+    if plugin in (None, PLUGIN_OFF):
         return None
-    if plugin != PLUGIN_NAME:
-        raise ValueError(f"unknown kv_cache_plugin {plugin!r}; this plugin provides {PLUGIN_NAME!r}")
+    merged = _env_options() if env_plugin == PLUGIN_NAME else {}
+    merged.update(explicit)
     field_names = {f.name for f in dataclasses.fields(AdaKVConfig)}
     options = {k: v for k, v in merged.items() if k in field_names}
     # Our keys are namespaced by being next to kv_cache_plugin; flag near-misses loudly.

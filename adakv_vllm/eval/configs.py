@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from adakv_vllm.config import PLUGIN_KEY, PLUGIN_NAME, PLUGIN_OFF
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -13,10 +15,13 @@ class EvalConfig:
     nominal_bits: float = 16.0
 
     def llm_kwargs(self) -> dict:
-        kwargs: dict = {"kv_cache_dtype": self.kv_cache_dtype}
-        if self.adakv is not None:
-            kwargs["additional_config"] = {"kv_cache_plugin": "adakv", **self.adakv}
-        return kwargs
+        """LLM(...) keywords. Stock configs say kv_cache_plugin "none" explicitly, so that
+        ADAKV_KV_CACHE_PLUGIN in the environment can never turn a baseline into AdaKV."""
+        if self.adakv is None:
+            extra = {PLUGIN_KEY: PLUGIN_OFF}
+        else:
+            extra = {PLUGIN_KEY: PLUGIN_NAME, **self.adakv}
+        return {"kv_cache_dtype": self.kv_cache_dtype, "additional_config": extra}
 
 
 def _adakv(name: str, policy: str, bits: float) -> EvalConfig:

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from adakv_vllm import envs
 from adakv_vllm.eval import data
 from adakv_vllm.model_store import resolve_model
 
@@ -45,6 +46,9 @@ def run(limit: int, adakv: dict | None, model: str | None = None) -> dict:
     if adakv is not None:
         os.environ["ADAKV_KV_CACHE_PLUGIN"] = "adakv"
         os.environ["ADAKV_OPTIONS"] = json.dumps(adakv)
+    else:  # the bf16 baseline: a plugin switch inherited from the caller must not apply
+        for name in envs.PLUGIN_SWITCH_VARS:
+            os.environ.pop(name, None)
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from adakv_vllm import envs
 from adakv_vllm.eval import report
 from adakv_vllm.eval.configs import DEFAULT_CONFIGS, REFERENCE, check_training_overlap, parse_configs
 from adakv_vllm.eval.data import MC_TASKS
@@ -146,7 +147,7 @@ def run_config(name, phases, settings, signature, kv_space, reference):
                 "reference_path": str(reference_path),
                 "is_reference": name == REFERENCE,
             }
-            env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": kv_space}
+            env = {**envs.without_plugin_switch(os.environ), "VLLM_CPU_KVCACHE_SPACE": kv_space}
             cmd = [sys.executable, "-m", "adakv_vllm.eval.run_config", json.dumps(spec)]
             if subprocess.run(cmd, env=env).returncode != 0:
                 raise RuntimeError(f"config {name} ({phase}) failed; finished configs are kept")

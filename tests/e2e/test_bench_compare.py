@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from adakv_vllm.bench import compare
 from adakv_vllm.engine import cli
 from tests.e2e.conftest import KV_SPACE_GIB, ROOT
 
@@ -93,8 +94,7 @@ def test_a_crashing_config_keeps_the_others(tmp_path, monkeypatch, capsys):
         "open(spec['output'], 'w').write(json.dumps(res))\n"
         "sys.exit(3 if spec['name'] == 'fp8' else 0)\n"
     )
-    compare = cli.load_compare()
-    monkeypatch.setattr(compare, "ENGINE_SCRIPT", fake)
+    monkeypatch.setattr(compare, "ENGINE_COMMAND", (sys.executable, str(fake)))
     path = tmp_path / "out.json"
     rc = cli.main(["bench", "compare", "--configs", "bf16,fp8", "--no-decode", "--json", str(path)])
     assert rc == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import subprocess
 
 import pytest
 import torch
@@ -74,6 +75,36 @@ def test_configs():
     assert CONFIGS["random3"].llm_kwargs()["additional_config"]["target_bits"] == 3
     with pytest.raises(ValueError, match="unknown config"):
         parse_configs("bf16,int3")
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp8"])
+def test_stock_configs_turn_the_plugin_off_explicitly(name, monkeypatch):
+    """ADAKV_KV_CACHE_PLUGIN in the caller's environment must not turn a baseline into AdaKV."""
+    from adakv_vllm.config import requested_options
+
+    monkeypatch.setenv("ADAKV_KV_CACHE_PLUGIN", "adakv")
+    kwargs = CONFIGS[name].llm_kwargs()
+    assert kwargs["additional_config"] == {"kv_cache_plugin": "none"}
+    assert requested_options(kwargs["additional_config"]) is None
+
+
+def test_engine_processes_get_no_plugin_switch(monkeypatch):
+    """Every config's engine process runs with an environment that cannot switch the plugin."""
+    from adakv_vllm.eval import main
+
+    monkeypatch.setenv("ADAKV_KV_CACHE_PLUGIN", "adakv")
+    monkeypatch.setenv("ADAKV_OPTIONS", '{"target_bits": 2}')
+    seen = []
+
+    def fake_run(cmd, env):
+        seen.append(env)
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(main.subprocess, "run", fake_run)
+    with pytest.raises(RuntimeError, match="bf16 .wikitext. failed"):
+        main.run_config("bf16", [("wikitext", ["wikitext"])], {}, "sig", "1", reference=None)
+    assert seen and not {"ADAKV_KV_CACHE_PLUGIN", "ADAKV_OPTIONS"} & set(seen[0])
+    assert seen[0]["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
 def _fake(name, bits, acc):

@@ -1,7 +1,7 @@
-"""Run ONE config of benchmarks/compare.py in this process and write its JSON. Spawned by compare.py:
+"""Run ONE config of `adakv bench compare` in this process and write its JSON. Spawned by compare.py:
 one fresh process per engine, so ru_maxrss is this engine's peak and a crash loses one config only.
 
-    python benchmarks/compare_engine.py SPEC_JSON
+    python -m adakv_vllm.bench.compare_engine SPEC_JSON
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by the parent). The result file
 is rewritten after every phase, so a crash keeps the phases already measured. Progress lines start
