@@ -367,12 +367,28 @@ def fused_kernel() -> Kernel | None:
 
 def load() -> Kernel | None:
     """The compiled library whatever ADAKV_CPU_ATTENTION says (it also holds non-attention kernels),
-    or None when it cannot be built here."""
-    return _load()[0]
+    or None, with one warning, when it cannot be built here."""
+    module, error = _load()
+    if module is None:
+        _warn_torch_fallback(error)
+    return module
 
 
 @functools.cache
 def _warn_fallback(error: Exception) -> None:
-    logger.warning("fused CPU attention unavailable (%r); using the scratch path", error)
+    logger.warning(
+        "fused CPU attention unavailable (%r); decode reads every page through a bf16 scratch copy "
+        "instead (several times slower at long contexts)",
+        error,
+    )
+
+
+@functools.cache
+def _warn_torch_fallback(error: Exception) -> None:
+    logger.warning(
+        "the compiled CPU library is unavailable (%r); sealing pages (~8x) and the per-token "
+        "quantization-error feature (~4x) run in torch instead, which is slower",
+        error,
+    )
 
 

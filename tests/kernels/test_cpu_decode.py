@@ -255,11 +255,17 @@ def test_build_failure_falls_back_in_auto_and_raises_in_fused(monkeypatch, caplo
     library._warn_fallback.cache_clear()
     # vLLM's logging config may stop propagation at "vllm": listen on our logger itself
     library.logger.addHandler(caplog.handler)
+    library._warn_torch_fallback.cache_clear()
     try:
         assert library.fused_kernel() is None
+        assert "bf16 scratch copy" in caplog.text
+        # the store's seal and feature fall back to torch: said once, whatever the attention mode
+        monkeypatch.setenv("ADAKV_CPU_ATTENTION", "scratch")
+        assert library.load() is None
+        said = caplog.text.count("run in torch instead")
+        assert said and library.load() is None and caplog.text.count("run in torch instead") == said
     finally:
         library.logger.removeHandler(caplog.handler)
-    assert "scratch path" in caplog.text
 
 
 def test_kernel_runs_on_torchs_openmp_runtime(module):
