@@ -5,8 +5,8 @@ byte offset is computed for a batch of pages with one-hot cumulative sums over t
 precision class is then encoded or decoded with one gather/scatter. Layout facts come only from
 `quant.format`; this module adds index arithmetic, never offsets of its own.
 
-With `rotate_keys`, quantized key records hold Hadamard-rotated keys (rotation.py) and are rotated
-back on decode; 16-bit records always hold the original bytes, so they stay lossless.
+Quantized records hold Hadamard-rotated keys and values (rotation.py, inside reference.encode_records)
+and are rotated back on decode; 16-bit records always hold the original bytes, so they stay lossless.
 """
 
 from __future__ import annotations
@@ -17,16 +17,14 @@ import torch.nn.functional as F
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant import reference as ref
 from adakv_vllm.quant.precision import PRECISIONS
-from adakv_vllm.quant.rotation import rotate
 
 
 class PageCodec:
     """Encode/decode batches of full pages for one PageLayout and one 16-bit storage dtype."""
 
-    def __init__(self, layout: fmt.PageLayout, storage_dtype: torch.dtype, rotate_keys: bool = False):
+    def __init__(self, layout: fmt.PageLayout, storage_dtype: torch.dtype):
         self.layout = layout
         self.storage_dtype = storage_dtype
-        self.rotate_keys = rotate_keys
         # record bytes per precision code: [4] int64
         self.record_bytes = torch.tensor([layout.record.record_bytes(p) for p in PRECISIONS])
 
@@ -65,19 +63,14 @@ class PageCodec:
             raise ValueError("bits exceed the page budget")
         pages = torch.zeros(n * self.layout.page_bytes, dtype=torch.uint8)
         header = torch.arange(t) + torch.arange(n)[:, None] * self.layout.page_bytes
-        pages[header.reshape(-1)] = (key_codes | (value_codes << 4)).to(torch.uint8).reshape(-1)
-        for x, codes, off, is_key in (
-            (key, key_codes, key_off, True),
-            (value, value_codes, value_off, False),
-        ):
+        pages[header.reshape(-1)] = fmt.join_codes(key_codes, value_codes).reshape(-1)
+        for x, codes, off in ((key, key_codes, key_off), (value, value_codes, value_off)):
             for p in PRECISIONS:
                 page_idx, tok_idx = (codes == p.code).nonzero(as_tuple=True)
                 if page_idx.numel() == 0:
                     continue
                 size = self.layout.record.record_bytes(p)
                 rows = x[page_idx, tok_idx].reshape(-1, d)  # [m*H, D]
-                if is_key and self.rotate_keys and p.is_quantized:
-                    rows = rotate(rows)
                 records = ref.encode_records(rows, p, self.layout.record)  # [m*H, size]
                 pages[self._record_index(off, region, page_idx, tok_idx, size).reshape(-1)] = records.reshape(
                     -1
@@ -89,12 +82,11 @@ class PageCodec:
         n = pages.shape[0]
         t = self.layout.block_size if num_tokens is None else num_tokens
         h, d = self.layout.num_kv_heads, self.layout.record.head_size
-        raw = pages[:, :t].to(torch.int64)
-        key_codes, value_codes = raw & 0xF, raw >> 4
+        key_codes, value_codes = fmt.split_codes(pages[:, :t])
         key_off, value_off, region = self.offsets(key_codes, value_codes)
         flat = pages.reshape(-1)
         out = []
-        for codes, off, is_key in ((key_codes, key_off, True), (value_codes, value_off, False)):
+        for codes, off in ((key_codes, key_off), (value_codes, value_off)):
             x = torch.empty(n, t, h, d)
             for p in PRECISIONS:
                 page_idx, tok_idx = (codes == p.code).nonzero(as_tuple=True)
@@ -103,8 +95,6 @@ class PageCodec:
                 size = self.layout.record.record_bytes(p)
                 records = flat[self._record_index(off, region, page_idx, tok_idx, size)].reshape(-1, size)
                 decoded = ref.decode_records(records, p, self.layout.record, self.storage_dtype)
-                if is_key and self.rotate_keys and p.is_quantized:
-                    decoded = rotate(decoded)
                 x[page_idx, tok_idx] = decoded.reshape(-1, h, d)
             out.append(x)
         bits = torch.tensor([p.bits for p in PRECISIONS])
@@ -113,9 +103,4 @@ class PageCodec:
 
 def _codes(bits: torch.Tensor) -> torch.Tensor:
     """[n, T] bit-widths -> [n, T] int64 precision codes (ValueError on anything else)."""
-    return (
-        fmt.encode_bit_map(bits.reshape(-1), bits.reshape(-1), bits.numel())
-        .to(torch.int64)
-        .reshape(bits.shape)
-        & 0xF
-    )
+    return fmt.bits_to_codes(bits)

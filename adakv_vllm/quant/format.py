@@ -3,15 +3,18 @@
 A *record* holds one vector of `head_size` elements (the key or the value of one token in one KV
 head) at one precision:
 
-    quantized (2/4/8 bits)                                   FP16 (16 bits)
-    +----------------------+-------------+-------------+     +-------------------------+
-    | codes                | scales      | mins        |     | head_size x 2 bytes,    |
-    | head_size*bits/8 B   | fp16 x G    | fp16 x G    |     | the model's 16-bit dtype|
-    +----------------------+-------------+-------------+     +-------------------------+
-    G = head_size / group_size groups; element i of a group decodes as code*scale + min.
+    quantized (2/3/4/8 bits)                    FP16 (16 bits)
+    +----------------------------+----------+   +-------------------------+
+    | codes                      | scales   |   | head_size x 2 bytes,    |
+    | head_size*bits/8 B         | fp16 x G |   | the model's 16-bit dtype|
+    +----------------------------+----------+   +-------------------------+
+    G = head_size / group_size groups. A quantized record holds the *rotated* vector (rotation.py):
+    element i decodes as levels.LEVELS[bits][code_i] * scale of its group, and the vector is then
+    rotated back. 16-bit records hold the original bytes (lossless).
 
-Codes are packed little-endian inside a byte: element j of a byte occupies bits
-[j*bits, (j+1)*bits), so byte b holds elements b*per_byte ... b*per_byte + per_byte - 1.
+Codes form a little-endian bit stream: element i occupies bits [i*bits, (i+1)*bits) of the stream,
+bit k of the stream being bit k % 8 of byte k // 8. (At 2, 4 and 8 bits no code straddles a byte;
+at 3 bits, 8 codes fill 3 bytes.)
 
 A *page* is the bytes of one vLLM block in one layer (all KV heads). It is written once, when the
 block seals, and never rewritten:
@@ -26,7 +29,7 @@ block seals, and never rewritten:
              records are ordered by precision code ascending, ties by token position, so a record's
              offset follows from the bit map alone. Every head region has the same size.
 
-The page budget is fixed by the user's target average bits (`page_bytes_for_target`); the seal
+The page budget is fixed by the user's key and value targets (`page_bytes_for_target`); the seal
 planner must choose bits whose records fit (`fits`).
 """
 
@@ -39,7 +42,7 @@ import torch
 
 from adakv_vllm.quant.precision import PRECISIONS, Precision
 
-# Scale and min are stored as fp16: 2 bytes each.
+# A group's scale is stored as fp16: 2 bytes.
 PARAM_BYTES = 2
 # The bit map is padded so the first record starts on a 16-byte boundary (vector loads).
 HEADER_ALIGN = 16
@@ -47,6 +50,7 @@ HEADER_ALIGN = 16
 PAGE_ALIGN = 16
 
 SUPPORTED_GROUP_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = 64
 MIN_HEAD_SIZE, MAX_HEAD_SIZE, HEAD_SIZE_MULTIPLE = 32, 256, 16
 # The 16-bit dtypes whose bytes an FP16 record stores verbatim.
 STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
@@ -72,11 +76,6 @@ def check_group_size(head_size: int, group_size: int) -> None:
         )
 
 
-def elements_per_byte(p: Precision) -> int:
-    assert p.is_quantized
-    return 8 // p.bits
-
-
 def code_mask(p: Precision) -> int:
     return (1 << p.bits) - 1
 
@@ -100,8 +99,8 @@ class RecordLayout:
         return self.head_size * p.bits // 8
 
     def params_bytes(self, p: Precision) -> int:
-        """Bytes of the per-group scales plus mins (zero for FP16)."""
-        return 2 * self.num_groups * PARAM_BYTES if p.is_quantized else 0
+        """Bytes of the per-group scales (zero for FP16)."""
+        return self.num_groups * PARAM_BYTES if p.is_quantized else 0
 
     def record_bytes(self, p: Precision) -> int:
         return self.codes_bytes(p) + self.params_bytes(p)
@@ -110,15 +109,15 @@ class RecordLayout:
         assert p.is_quantized
         return self.codes_bytes(p)
 
-    def mins_offset(self, p: Precision) -> int:
-        assert p.is_quantized
-        return self.codes_bytes(p) + self.num_groups * PARAM_BYTES
+    def bits_per_element(self, p: Precision) -> float:
+        """What a record costs per element, scales included."""
+        return 8 * self.record_bytes(p) / self.head_size
 
     def interpolated_bytes(self, bits: float) -> float:
         """Record bytes at a fractional average precision: linear between neighbouring precisions.
 
-        This is the per-token byte cost a page budget grants at `bits`; e.g. 3 bits buys the
-        bytes of half a 2-bit and half a 4-bit record.
+        This is the per-token byte cost a page budget grants at `bits`; e.g. 3.5 bits buys the
+        bytes of half a 3-bit and half a 4-bit record.
         """
         if not PRECISIONS[0].bits <= bits <= PRECISIONS[-1].bits:
             raise ValueError(f"target bits must be within [2, 16], got {bits}")
@@ -206,22 +205,33 @@ def page_bytes_for_target(
     return _align(header + math.ceil(num_kv_heads * block_size * per_token), PAGE_ALIGN)
 
 
+def join_codes(key_codes: torch.Tensor, value_codes: torch.Tensor) -> torch.Tensor:
+    """Precision codes -> bit-map bytes (key in the low nibble, value in the high one), uint8."""
+    return (key_codes.to(torch.int64) | (value_codes.to(torch.int64) << 4)).to(torch.uint8)
+
+
+def split_codes(bit_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bit-map bytes (any shape) -> (key codes, value codes), int64, the same shape."""
+    raw = bit_map.to(torch.int64)
+    return raw & 0xF, raw >> 4
+
+
 def encode_bit_map(key_bits: torch.Tensor, value_bits: torch.Tensor, header_bytes: int) -> torch.Tensor:
     """key_bits, value_bits: [num_tokens] bit-widths -> [header_bytes] uint8 bit map."""
     out = torch.zeros(header_bytes, dtype=torch.uint8)
-    n = key_bits.numel()
-    out[:n] = (_to_codes(key_bits) | (_to_codes(value_bits) << 4)).to(torch.uint8)
+    out[: key_bits.numel()] = join_codes(bits_to_codes(key_bits), bits_to_codes(value_bits))
     return out
 
 
 def decode_bit_map(header: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """header: [..., >= num_tokens] uint8 -> (key_bits, value_bits), each [..., num_tokens] int64."""
-    raw = header[..., :num_tokens].to(torch.int64)
+    key_codes, value_codes = split_codes(header[..., :num_tokens])
     bits = torch.tensor([p.bits for p in PRECISIONS], dtype=torch.int64)
-    return bits[raw & 0xF], bits[raw >> 4]
+    return bits[key_codes], bits[value_codes]
 
 
-def _to_codes(bits: torch.Tensor) -> torch.Tensor:
+def bits_to_codes(bits: torch.Tensor) -> torch.Tensor:
+    """Bit-widths (any shape) -> precision codes, int64; ValueError on anything but ALL_BITS."""
     bits = bits.to(torch.int64)
     codes = torch.full_like(bits, -1)
     for p in PRECISIONS:
@@ -232,40 +242,29 @@ def _to_codes(bits: torch.Tensor) -> torch.Tensor:
 
 
 def pack_codes(codes: torch.Tensor, p: Precision) -> torch.Tensor:
-    """codes: [..., head_size] uint8 in [0, 2**bits) -> [..., head_size*bits/8] uint8."""
-    per_byte = elements_per_byte(p)
-    c = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * p.bits
-    return (c << shifts).sum(-1).to(torch.uint8)
+    """codes: [..., head_size] uint8 in [0, 2**bits) -> [..., head_size*bits/8] uint8 (the bit stream)."""
+    shifts = torch.arange(p.bits, dtype=torch.int32)
+    stream = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., D, bits], LSB first
+    stream = stream.reshape(*codes.shape[:-1], -1, 8)  # [..., D*bits/8, 8]
+    return (stream << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, p: Precision) -> torch.Tensor:
     """packed: [..., head_size*bits/8] uint8 -> [..., head_size] uint8 codes."""
-    per_byte = elements_per_byte(p)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * p.bits
-    c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & code_mask(p)
-    return c.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+    stream = (packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1
+    stream = stream.reshape(*packed.shape[:-1], -1, p.bits)  # [..., D, bits]
+    return (stream << torch.arange(p.bits, dtype=torch.int32)).sum(-1).to(torch.uint8)
 
 
 def split_record(records: torch.Tensor, layout: RecordLayout, p: Precision):
-    """records: [n, record_bytes] uint8 -> (packed codes [n, codes_bytes] uint8,
-    scales [n, num_groups] fp16, mins [n, num_groups] fp16). Quantized precisions only."""
-    g = layout.num_groups
-    a, b = layout.scales_offset(p), layout.mins_offset(p)
-    codes = records[:, :a]
-    scales = records[:, a:b].contiguous().view(torch.float16).reshape(-1, g)
-    mins = records[:, b : b + g * PARAM_BYTES].contiguous().view(torch.float16).reshape(-1, g)
-    return codes, scales, mins
+    """records: [n, record_bytes] uint8 -> (packed codes [n, codes_bytes] uint8, scales [n, G] fp16).
+    Quantized precisions only."""
+    a = layout.scales_offset(p)
+    scales = records[:, a : a + layout.num_groups * PARAM_BYTES].contiguous().view(torch.float16)
+    return records[:, :a], scales.reshape(-1, layout.num_groups)
 
 
-def join_record(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+def join_record(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Inverse of split_record: -> [n, record_bytes] uint8."""
     n = packed.shape[0]
-    return torch.cat(
-        [
-            packed,
-            scales.contiguous().view(torch.uint8).reshape(n, -1),
-            mins.contiguous().view(torch.uint8).reshape(n, -1),
-        ],
-        dim=1,
-    )
+    return torch.cat([packed, scales.contiguous().view(torch.uint8).reshape(n, -1)], dim=1)

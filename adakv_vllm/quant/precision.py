@@ -1,7 +1,7 @@
 """The precisions a cached token can be stored at, and their one-nibble codes.
 
-Invariant: a precision is one of 2, 4, 8 or 16 bits. 16 means "the model's own 16-bit dtype, stored
-verbatim" (bf16 or fp16), so a 16-bit record is lossless. Codes 0..3 are what the page bit map
+Invariant: a precision is one of 2, 3, 4, 8 or 16 bits. 16 means "the model's own 16-bit dtype, stored
+verbatim" (bf16 or fp16), so a 16-bit record is lossless. Codes 0..4 are what the page bit map
 stores; their order is the order of the precisions, so `code(a) < code(b)` iff `a < b`.
 """
 
@@ -14,6 +14,7 @@ class Precision(enum.IntEnum):
     """Bits per cached element. Values are the bit-widths themselves."""
 
     INT2 = 2
+    INT3 = 3
     INT4 = 4
     INT8 = 8
     FP16 = 16
@@ -51,6 +52,12 @@ class Precision(enum.IntEnum):
         return PRECISIONS[code]
 
 
-PRECISIONS: tuple[Precision, ...] = (Precision.INT2, Precision.INT4, Precision.INT8, Precision.FP16)
+PRECISIONS: tuple[Precision, ...] = (
+    Precision.INT2,
+    Precision.INT3,
+    Precision.INT4,
+    Precision.INT8,
+    Precision.FP16,
+)
 ALL_BITS: tuple[int, ...] = tuple(p.bits for p in PRECISIONS)
 _CODES = {p: i for i, p in enumerate(PRECISIONS)}

@@ -2,16 +2,22 @@
 
 Every fast path (CPU, Triton) is tested against these functions. They favour clarity over speed.
 
-Quantizer: asymmetric round-to-nearest per group of `group_size` consecutive elements,
-    scale = (max - min) / (2**bits - 1),   code = round((x - min) / scale),   x^ = code*scale + min.
-Scale and min are stored as fp16 and rounded *outward* (min down, scale up) so that every element
-lies inside [min, min + scale*(2**bits - 1)] after rounding; hence the documented bound
+Quantizer (one quantized record: one token, one KV head, key or value):
+    y = rotation.rotate(x)                              exact butterflies, fp32
+    per group of `group_size` consecutive elements of y:
+      a = max |y|
+      for each f in levels.CLIP_FACTORS[bits]:          (best first on ties)
+        s_f = fp16(a * f / top level)                   fp32 multiply and divide, then round to fp16
+        code_i = #{t in THRESHOLDS[bits] : t < y_i / s_f}     (y_i / s_f in fp32)
+        err_f = sum_i (y_i - LEVELS[code_i] * s_f)^2    in fp64, summed in element order
+      keep the f with the least err_f; a group with a == 0 (or s_f == 0) stores scale 0 and the
+      zero_code for every element
+    decode: y^_i = LEVELS[code_i] * s (fp32); x^ = rotation.unrotate(y^)
 
-    |x - x^| <= scale/2 + 2**-20 * max|x|        (per group; the second term is fp32 arithmetic)
-
-holds with the stored fp16 scale, and constant groups reconstruct exactly when their value is an
-fp16 number. Quantized records accept |x| <= MAX_QUANTIZED_ABS (fp16 range with headroom); larger
-values must be stored at 16 bits.
+Inputs are clamped to +-MAX_QUANTIZED_ABS first (what a sealed page stores for such values), and a
+quantized record refuses a rotated value beyond +-MAX_ROTATED_ABS (its scale would overflow fp16):
+the store sanitises such rows before sealing (blocks/store.py). 16-bit records are the model's
+bytes, verbatim.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ from __future__ import annotations
 import torch
 
 from adakv_vllm.quant import format as fmt
+from adakv_vllm.quant import levels
 from adakv_vllm.quant.precision import Precision
-from adakv_vllm.quant.rotation import rotate
+from adakv_vllm.quant.rotation import rotate, unrotate
 
 MAX_QUANTIZED_ABS = 32768.0
-ERROR_ABS_SLACK = 2.0**-20
+# the largest rotated value a quantized record takes: its scale a * 1.0 / top level stays < fp16 max
+MAX_ROTATED_ABS = 65504.0
 
 
 def check_finite(x: torch.Tensor, name: str = "input") -> None:
@@ -33,128 +41,73 @@ def check_finite(x: torch.Tensor, name: str = "input") -> None:
         raise ValueError(f"{name} contains NaN or inf; AdaKV cannot cache non-finite values")
 
 
-def _check_quantizable(x: torch.Tensor) -> None:
-    check_finite(x)
-    if x.numel() and x.abs().max() > MAX_QUANTIZED_ABS:
+def _check_quantizable(y: torch.Tensor) -> None:
+    check_finite(y)
+    if y.numel() and y.abs().max() > MAX_ROTATED_ABS:
         raise ValueError(
-            f"values beyond +-{MAX_QUANTIZED_ABS:g} cannot be stored in a quantized record "
-            "(fp16 scale/min); store them at 16 bits"
+            f"rotated values beyond +-{MAX_ROTATED_ABS:g} cannot be stored in a quantized record "
+            "(fp16 scale); store them at 16 bits"
         )
 
 
-def _outward_fp16(v: torch.Tensor, direction: float) -> torch.Tensor:
-    """Round fp32 `v` to fp16 so that the result is <= v (direction -inf) or >= v (+inf)."""
-    h = v.to(torch.float16)
-    wrong = h.float() < v if direction > 0 else h.float() > v
-    return torch.where(wrong, torch.nextafter(h, torch.full_like(h, direction)), h)
-
-
-def quantize(x: torch.Tensor, p: Precision, group_size: int):
-    """x: [n, head_size] float -> (codes [n, head_size] uint8, scales [n, G] fp16, mins [n, G] fp16)."""
+def quantize(y: torch.Tensor, p: Precision, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """y: [n, head_size] fp32, already rotated -> (codes [n, head_size] uint8, scales [n, G] fp16)."""
     assert p.is_quantized
-    _check_quantizable(x)
-    n, d = x.shape
-    g = x.to(torch.float32).reshape(n, d // group_size, group_size)
-    top = p.levels - 1
-    mins = _outward_fp16(g.amin(-1), -torch.inf)
-    scales = _outward_fp16((g.amax(-1) - mins.float()) / top, torch.inf)
-    # fp32 rounding of mins + scales*top can still land one ulp short of max: widen once more.
-    short = mins.float() + scales.float() * top < g.amax(-1)
-    scales = torch.where(short, torch.nextafter(scales, torch.full_like(scales, torch.inf)), scales)
-    s = scales.float().unsqueeze(-1)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    codes = torch.where(s > 0, torch.round((g - mins.float().unsqueeze(-1)) / safe), torch.zeros_like(g))
-    return codes.clamp(0, top).to(torch.uint8).reshape(n, d), scales, mins
+    _check_quantizable(y)
+    n, d = y.shape
+    g = y.to(torch.float32).reshape(n, d // group_size, group_size)
+    table, thresholds = levels.LEVELS[p.bits], levels.THRESHOLDS[p.bits]
+    top = table[-1]
+    absmax = g.abs().amax(-1)  # [n, G]
+    best_codes = torch.full_like(g, levels.zero_code(p.bits), dtype=torch.int64)
+    best_scale = torch.zeros(n, d // group_size, dtype=torch.float16)
+    best_err = torch.full((n, d // group_size), float("inf"), dtype=torch.float64)
+    for f in levels.CLIP_FACTORS[p.bits]:
+        scale = ((absmax * f) / top).to(torch.float16)  # [n, G]
+        s = scale.float().unsqueeze(-1)
+        usable = s > 0
+        ratio = torch.where(usable, g / torch.where(usable, s, torch.ones_like(s)), torch.zeros_like(g))
+        codes = torch.bucketize(ratio, thresholds, right=False)  # #thresholds strictly below
+        codes = torch.where(usable, codes, torch.full_like(codes, levels.zero_code(p.bits)))
+        decoded = table[codes] * s
+        err = (g.double() - decoded.double()).square().cumsum(-1)[..., -1]  # element order
+        err = torch.where(usable.squeeze(-1), err, torch.full_like(err, float("inf")))
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_codes = torch.where(better.unsqueeze(-1), codes, best_codes)
+    return best_codes.to(torch.uint8).reshape(n, d), best_scale
 
 
-def dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int
-) -> torch.Tensor:
-    """Inverse of quantize: -> fp32 [n, head_size]."""
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, p: Precision, group_size: int) -> torch.Tensor:
+    """Inverse of quantize, in the rotated space: -> fp32 [n, head_size]."""
     n, d = codes.shape
-    g = codes.to(torch.float32).reshape(n, d // group_size, group_size)
-    return (g * scales.float().unsqueeze(-1) + mins.float().unsqueeze(-1)).reshape(n, d)
+    values = levels.LEVELS[p.bits][codes.to(torch.int64)].reshape(n, d // group_size, group_size)
+    return (values * scales.float().unsqueeze(-1)).reshape(n, d)
 
 
-def error_bound(scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The per-element bound of the module docstring. scales: [n, G] fp16, x: [n, head_size]."""
-    n, d = x.shape
-    half = (scales.float() / 2).repeat_interleave(group_size, dim=1)
-    return half + ERROR_ABS_SLACK * x.float().abs().amax()
-
-
-def fake_quantize(x: torch.Tensor, p: Precision, group_size: int) -> torch.Tensor:
-    """Quantize then dequantize along the last dim. x: [..., head_size] -> fp32, same shape."""
-    if not p.is_quantized:
-        check_finite(x)
-        return x.to(torch.float32)
-    flat = x.reshape(-1, x.shape[-1])
-    codes, scales, mins = quantize(flat, p, group_size)
-    return dequantize(codes, scales, mins, group_size).reshape(x.shape)
-
-
-def stored_kv(x: torch.Tensor, p: Precision, group_size: int, rotate_record: bool) -> torch.Tensor:
-    """What a sealed page gives back for K or V vectors: x: [..., head_size] -> fp32.
-
-    The store clamps to the quantizable range, quantizes (Hadamard-rotated when `rotate_record`, i.e.
-    keys with rotate_keys) and rotates back on decode; 16-bit records are exact.
-    """
+def stored_kv(x: torch.Tensor, p: Precision, group_size: int) -> torch.Tensor:
+    """What a sealed page gives back for K or V vectors: x: [..., head_size] -> fp32."""
     if not p.is_quantized:
         return x.to(torch.float32)
-    y = x.float().clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
-    if rotate_record:
-        return rotate(fake_quantize(rotate(y), p, group_size))
-    return fake_quantize(y, p, group_size)
+    flat = x.reshape(-1, x.shape[-1]).float().clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
+    codes, scales = quantize(rotate(flat), p, group_size)
+    return unrotate(dequantize(codes, scales, p, group_size)).reshape(x.shape)
 
 
-def relative_error(x: torch.Tensor, p: Precision, group_size: int, rotate_record: bool) -> torch.Tensor:
-    """x: [T, H, D] -> [T]: mean over heads of ||x - stored(x)|| / ||x||, the token's own
-    quantization error at precision p (the "quality score" feature; rotation preserves norms)."""
-    y = x.float().clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
-    if rotate_record:
-        y = rotate(y)
-    err = (fake_quantize(y, p, group_size) - y).norm(dim=-1)
-    return (err / y.norm(dim=-1).clamp_min(1e-6)).mean(-1)
-
-
-def relative_errors(x: torch.Tensor, precisions, group_size: int, rotate_record: bool) -> torch.Tensor:
-    """The fast form of `relative_error` for several precisions at once: x: [T, H, D] -> [T, P].
-
-    The same quantizer (outward-rounded fp16 scale and min), sharing the clamp, rotation, group
-    ranges and norms across precisions and skipping `quantize`'s input checks and packing. This is
-    what the worker computes for every written token of every layer; tests compare it with
-    `relative_error`.
-    """
-    y = x.float().clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
-    if rotate_record:
-        y = rotate(y)
-    t, h, d = y.shape
-    g = y.reshape(t, h, d // group_size, group_size)
-    high = g.amax(-1)
-    low = _outward_fp16(g.amin(-1), -torch.inf).float()  # [T, H, G]
-    norm = y.norm(dim=-1).clamp_min(1e-6)  # [T, H]
+def relative_errors(x: torch.Tensor, precisions, group_size: int) -> torch.Tensor:
+    """x: [T, H, D] -> [T, P]: for each precision, the mean over heads of ||x - stored(x)|| / ||x||,
+    the token's own quantization error (the "quality score" feature; rotation preserves the norm
+    up to a power of two, so the error is measured in the rotated space)."""
+    t, h, d = x.shape
+    y = rotate(x.reshape(t * h, d).float().clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS))
+    norm = y.norm(dim=-1).clamp_min(1e-6)
     out = []
     for p in precisions:
-        top = p.levels - 1
-        scale = _outward_fp16((high - low) / top, torch.inf)
-        short = low + scale.float() * top < high
-        scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale).float()
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
-        codes = torch.round((g - low.unsqueeze(-1)) / safe).clamp(0, top)
-        err = codes * scale.unsqueeze(-1) + low.unsqueeze(-1) - g  # [T, H, G, group]
-        out.append((err.square().sum((-1, -2)).sqrt() / norm).mean(-1))
+        codes, scales = quantize(y, p, group_size)
+        err = (dequantize(codes, scales, p, group_size) - y).norm(dim=-1)
+        out.append((err / norm).view(t, h).mean(-1))
     return torch.stack(out, -1)
-
-
-def fake_quantize_channels(x: torch.Tensor, p: Precision, group_size: int) -> torch.Tensor:
-    """Per-channel quantization (KIVI-style keys): groups run along tokens, not channels.
-
-    x: [num_tokens, head_size] with num_tokens a multiple of group_size (e.g. one page) -> fp32.
-    """
-    num_tokens = x.shape[0]
-    if num_tokens % group_size:
-        raise ValueError(f"per-channel groups need num_tokens divisible by {group_size}, got {num_tokens}")
-    return fake_quantize(x.transpose(0, 1), p, group_size).transpose(0, 1)
 
 
 def encode_records(x: torch.Tensor, p: Precision, layout: fmt.RecordLayout) -> torch.Tensor:
@@ -166,18 +119,20 @@ def encode_records(x: torch.Tensor, p: Precision, layout: fmt.RecordLayout) -> t
             raise ValueError(f"16-bit records store {fmt.STORAGE_DTYPES} verbatim, got {x.dtype}")
         check_finite(x)
         return x.contiguous().view(torch.uint8).reshape(x.shape[0], -1)
-    codes, scales, mins = quantize(x, p, layout.group_size)
-    return fmt.join_record(fmt.pack_codes(codes, p), scales, mins)
+    check_finite(x)
+    y = rotate(x.float().clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS))
+    codes, scales = quantize(y, p, layout.group_size)
+    return fmt.join_record(fmt.pack_codes(codes, p), scales)
 
 
 def decode_records(
     records: torch.Tensor, p: Precision, layout: fmt.RecordLayout, storage_dtype: torch.dtype
 ) -> torch.Tensor:
-    """records: [n, record_bytes] uint8 -> fp32 [n, head_size]."""
+    """records: [n, record_bytes] uint8 -> fp32 [n, head_size] (rotated back)."""
     if not p.is_quantized:
         return records.contiguous().view(storage_dtype).reshape(records.shape[0], -1).float()
-    packed, scales, mins = fmt.split_record(records, layout, p)
-    return dequantize(fmt.unpack_codes(packed, p), scales, mins, layout.group_size)
+    packed, scales = fmt.split_record(records, layout, p)
+    return unrotate(dequantize(fmt.unpack_codes(packed, p), scales, p, layout.group_size))
 
 
 def pack_page(
@@ -186,9 +141,8 @@ def pack_page(
     value: torch.Tensor,
     key_bits: torch.Tensor,
     value_bits: torch.Tensor,
-    rotate_keys: bool = False,
 ) -> torch.Tensor:
-    """Seal one page. With rotate_keys, quantized key records hold rotated keys (16-bit ones never).
+    """Seal one page.
 
     key, value: [num_tokens, num_kv_heads, head_size] fp16/bf16 (num_tokens <= block_size)
     key_bits, value_bits: [num_tokens] bit-widths
@@ -210,25 +164,16 @@ def pack_page(
     region = layout.region_bytes(key_bits, value_bits)
     for head in range(h):
         start = layout.head_region_offset(head, region)
-        for x, bits, is_key in ((key[:, head], key_bits, True), (value[:, head], value_bits, False)):
+        for x, bits in ((key[:, head], key_bits), (value[:, head], value_bits)):
             order = layout.record_order(bits)
             for p, first, count, offset in layout.class_spans(bits, start):
-                rows = x[order[first : first + count]]
-                if is_key and rotate_keys and p.is_quantized:
-                    rows = rotate(rows)
-                rec = encode_records(rows, p, layout.record)
+                rec = encode_records(x[order[first : first + count]], p, layout.record)
                 page[offset : offset + rec.numel()] = rec.reshape(-1)
                 start = offset + rec.numel()
     return page
 
 
-def unpack_page(
-    layout: fmt.PageLayout,
-    page: torch.Tensor,
-    num_tokens: int,
-    storage_dtype: torch.dtype,
-    rotate_keys: bool = False,
-):
+def unpack_page(layout: fmt.PageLayout, page: torch.Tensor, num_tokens: int, storage_dtype: torch.dtype):
     """Inverse of pack_page: -> (key fp32 [n, H, D], value fp32 [n, H, D], key_bits [n], value_bits [n])."""
     key_bits, value_bits = fmt.decode_bit_map(page[: layout.header_bytes], num_tokens)
     h, d = layout.num_kv_heads, layout.record.head_size
@@ -236,14 +181,11 @@ def unpack_page(
     region = layout.region_bytes(key_bits, value_bits)
     for head in range(h):
         start = layout.head_region_offset(head, region)
-        for x, bits, is_key in ((out[0], key_bits, True), (out[1], value_bits, False)):
+        for x, bits in ((out[0], key_bits), (out[1], value_bits)):
             order = layout.record_order(bits)
             for p, first, count, offset in layout.class_spans(bits, start):
                 size = layout.record.record_bytes(p)
                 rec = page[offset : offset + count * size].reshape(count, size)
-                decoded = decode_records(rec, p, layout.record, storage_dtype)
-                if is_key and rotate_keys and p.is_quantized:
-                    decoded = rotate(decoded)
-                x[order[first : first + count], head] = decoded
+                x[order[first : first + count], head] = decode_records(rec, p, layout.record, storage_dtype)
                 start = offset + count * size
     return out[0], out[1], key_bits, value_bits
