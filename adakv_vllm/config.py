@@ -25,21 +25,26 @@ PLUGIN_NAME = "adakv"
 PLUGIN_OFF = "none"  # an explicit "stock vLLM", which the environment cannot override
 PLUGIN_KEY = "kv_cache_plugin"
 PLUGIN_VALUES = (PLUGIN_NAME, PLUGIN_OFF)
-POLICIES = ("auto", "static", "random", "rule", "learned")
+POLICIES = ("auto", "static", "random", "attention", "rule", "learned")
+# key bits - value bits by default: keys need the bits more than values (benchmarks/quant_levers.py:
+# K4/V3 beats K3/V4 and, at the same bytes, K3.5/V2.5 beats K3/V3)
+DEFAULT_KEY_VALUE_SPLIT = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
 class AdaKVConfig:
-    # Average bits per cached element that each page's byte budget grants (2..16; fractions allowed).
-    target_bits: float = 4.0
-    # Which tokens get which bits inside the budget: static | random | rule | learned, or auto =
-    # learned when the shipped controller fits the model (SmolLM2-135M's vocabulary), else rule.
+    # Average bits per cached element (keys and values together) that each page's byte budget
+    # grants, 2..16, fractions allowed; scales and the bit map are paid on top (see the startup log).
+    target_bits: float = 3.5
+    # How many more bits keys get than values within target_bits (0 = the same budget for both).
+    key_value_split: float = DEFAULT_KEY_VALUE_SPLIT
+    # Which tokens get which bits inside the budget: static | random | attention | rule | learned;
+    # auto = attention (the attention each token receives inside its own open block).
     policy: str = "auto"
-    # Channels per quantization group (one fp16 scale + min each).
-    group_size: int = 32
-    # Hadamard-rotate keys before quantizing (examples/quant_error.py: -25% key error at 2 bits).
-    rotate_keys: bool = True
-    # Leading tokens of every sequence that the rule policy keeps at 16 bits (attention sinks).
+    # Channels per quantization group (one fp16 scale each); None = the largest of 64, 32, 16 that
+    # divides the model's head size.
+    group_size: int | None = None
+    # Leading tokens of every sequence that the rule policy grants 8 bits first (attention sinks).
     sink_tokens: int = 4
     # Seed of the random policy; decisions are a function of (seed, block content) for prefix caching.
     seed: int = 0
@@ -54,14 +59,19 @@ class AdaKVConfig:
         # int was meant): a value accepted here must mean what the startup log says it means.
         if not _is_number(self.target_bits) or not 2 <= self.target_bits <= 16:
             raise ValueError(f"target_bits must be a number within [2, 16], got {self.target_bits!r}")
+        if not _is_number(self.key_value_split) or not 0 <= self.key_value_split <= 14:
+            raise ValueError(f"key_value_split must be a number within [0, 14], got {self.key_value_split!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {POLICIES}")
-        if self.policy == "static" and self.target_bits not in ALL_BITS:
-            raise ValueError(f"policy 'static' needs target_bits in {ALL_BITS}, got {self.target_bits}")
-        if not _is_int(self.group_size) or self.group_size not in SUPPORTED_GROUP_SIZES:
+        if self.policy == "static" and not set(self.key_value_bits()) <= set(ALL_BITS):
+            raise ValueError(
+                f"policy 'static' needs key and value bits in {ALL_BITS}; target_bits {self.target_bits} "
+                f"with key_value_split {self.key_value_split} gives {self.key_value_bits()}"
+            )
+        if self.group_size is not None and (
+            not _is_int(self.group_size) or self.group_size not in SUPPORTED_GROUP_SIZES
+        ):
             raise ValueError(f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.group_size!r}")
-        if not isinstance(self.rotate_keys, bool):
-            raise ValueError(f"rotate_keys must be true or false, got {self.rotate_keys!r}")
         if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
             raise ValueError(f"sink_tokens must be a non-negative integer, got {self.sink_tokens!r}")
         if not _is_int(self.seed):
@@ -70,6 +80,21 @@ class AdaKVConfig:
             raise ValueError(f"prompt_features must be true or false, got {self.prompt_features!r}")
         if self.controller_weights is not None and not isinstance(self.controller_weights, str):
             raise ValueError(f"controller_weights must be a file path, got {self.controller_weights!r}")
+
+    def key_value_bits(self) -> tuple[float, float]:
+        """(key bits, value bits) the page budget grants: target_bits +- key_value_split / 2, kept
+        within [2, 16] with the same average."""
+        t = float(self.target_bits)
+        key = min(16.0, t + self.key_value_split / 2)
+        value = 2 * t - key
+        if value < 2:
+            value, key = 2.0, 2 * t - 2
+        return key, value
+
+    def group_size_for(self, head_size: int) -> int:
+        if self.group_size is not None:
+            return self.group_size
+        return next(g for g in (64, 32, 16) if head_size % g == 0)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> AdaKVConfig:

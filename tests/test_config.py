@@ -9,7 +9,22 @@ from adakv_vllm.config import AdaKVConfig, requested_options
 
 def test_defaults_valid():
     cfg = AdaKVConfig()
-    assert cfg.target_bits == 4 and cfg.policy == "auto"
+    assert cfg.target_bits == 3.5 and cfg.policy == "auto" and cfg.key_value_bits() == (4.0, 3.0)
+
+
+@pytest.mark.parametrize(
+    "target,split,expected",
+    [(3.5, 1.0, (4.0, 3.0)), (3, 1.0, (3.5, 2.5)), (4, 0.0, (4.0, 4.0)), (2, 1.0, (2.0, 2.0)),
+     (2.25, 1.0, (2.5, 2.0)), (16, 1.0, (16.0, 16.0)), (15.8, 1.0, (16.0, 15.6))],
+)  # fmt: skip
+def test_key_value_split_keeps_the_average_within_range(target, split, expected):
+    k, v = AdaKVConfig(target_bits=target, key_value_split=split).key_value_bits()
+    assert (k, v) == pytest.approx(expected) and (k + v) / 2 == pytest.approx(target)
+
+
+def test_group_size_follows_the_head_size():
+    assert [AdaKVConfig().group_size_for(d) for d in (64, 80, 96, 128)] == [64, 16, 32, 64]
+    assert AdaKVConfig(group_size=32).group_size_for(64) == 32
 
 
 @pytest.mark.parametrize(
@@ -19,7 +34,9 @@ def test_defaults_valid():
         ({"target_bits": 17}, r"\[2, 16\]"),
         ({"target_bits": "4"}, r"\[2, 16\]"),
         ({"policy": "learned-ish"}, "unknown policy"),
-        ({"policy": "static", "target_bits": 3}, "static"),
+        ({"policy": "static", "target_bits": 3}, "static"),  # keys 3.5, values 2.5: not a precision
+        ({"key_value_split": -1}, "key_value_split"),
+        ({"rotate_keys": True}, "unknown AdaKV option"),
         ({"group_size": 24}, "group_size"),
         ({"sink_tokens": -1}, "sink_tokens"),
         ({"bogus": 1}, "unknown AdaKV option"),
@@ -30,8 +47,6 @@ def test_defaults_valid():
         ({"seed": 7.0}, "seed"),
         ({"seed": False}, "seed"),
         ({"group_size": 32.0}, "group_size"),
-        ({"rotate_keys": "false"}, "rotate_keys"),
-        ({"rotate_keys": 0}, "rotate_keys"),
         ({"sink_tokens": True}, "sink_tokens"),
         ({"sink_tokens": 4.0}, "sink_tokens"),
         ({"prompt_features": "yes"}, "prompt_features"),

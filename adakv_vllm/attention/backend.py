@@ -117,6 +117,9 @@ class AdaKVAttentionImpl(CPUAttentionBackendImpl):
         store.bind(index, kv_cache)
         if index == 0:
             count_reads(store, attn_metadata)
+        if store.track_attention:
+            n = attn_metadata.num_actual_tokens
+            store.observe_attention(query[:n], attn_metadata.slot_mapping[:n], self.scale, index)
         if self._fused is None:
             return self._scratch_forward(layer, store, index, query, key, value, attn_metadata, output)
         if attn_metadata.max_query_len == 1:
@@ -157,7 +160,6 @@ def fused_decode(kernel, store, layer: int, query, md: CPUAttentionMetadata, sca
         md.query_start_loc,
         store.layout,
         scale,
-        store.rotate_keys,
         out=output[:n],
         module=kernel,
     )

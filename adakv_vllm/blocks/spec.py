@@ -17,8 +17,8 @@ from adakv_vllm.quant import format as fmt
 
 
 def page_layout(block_size: int, num_kv_heads: int, head_size: int, cfg: AdaKVConfig) -> fmt.PageLayout:
-    record = fmt.RecordLayout(head_size, cfg.group_size)
-    need = fmt.page_bytes_for_target(block_size, num_kv_heads, record, cfg.target_bits, cfg.target_bits)
+    record = fmt.RecordLayout(head_size, cfg.group_size_for(head_size))
+    need = fmt.page_bytes_for_target(block_size, num_kv_heads, record, *cfg.key_value_bits())
     per_head_token = math.ceil(need / (num_kv_heads * block_size))
     return fmt.PageLayout(block_size, num_kv_heads, record, per_head_token * num_kv_heads * block_size)
 

@@ -47,6 +47,10 @@ class StagingArea:
         self.value = torch.empty_like(self.key)
         self.slot_of_block = torch.full((num_blocks,), -1, dtype=torch.int64)  # [num_blocks]
         self._free: list[int] = []
+        # attention each staged token received inside its block, summed over layers, heads and
+        # queries, and how many (layer, head, query) rows could see it: [capacity, block_size] fp32
+        self.received = torch.zeros(0, block_size)
+        self.seen = torch.zeros(0, block_size)
 
     @staticmethod
     def slot_bytes(
@@ -69,6 +73,8 @@ class StagingArea:
         shape = (self.num_layers, new - old, *self.key.shape[2:])
         self.key = torch.cat([self.key, torch.zeros(shape, dtype=self.dtype)], dim=1)
         self.value = torch.cat([self.value, torch.zeros(shape, dtype=self.dtype)], dim=1)
+        self.received = torch.cat([self.received, torch.zeros(new - old, self.block_size)])
+        self.seen = torch.cat([self.seen, torch.zeros(new - old, self.block_size)])
         self._free.extend(range(new - 1, old - 1, -1))
 
     def assign(self, block_ids: torch.Tensor) -> torch.Tensor:
@@ -77,7 +83,10 @@ class StagingArea:
         for block in missing:
             if not self._free:
                 self._grow()
-            self.slot_of_block[block] = self._free.pop()
+            slot = self._free.pop()
+            self.slot_of_block[block] = slot
+            self.received[slot] = 0.0
+            self.seen[slot] = 0.0
         return self.slot_of_block[block_ids]
 
     def release(self, block_ids) -> None:

@@ -1,6 +1,7 @@
 """KVStore: the worker-side state of the mixed-precision cache, for every layer. No vLLM import.
 
     write(layer, slot_mapping, k, v)   new tokens -> FP16 staging (+ their quantization-error features)
+    observe_attention(query, ...)      the attention staged tokens receive inside their block
     seal(block_ids, bits)              staging -> packed pages in every layer's KV tensor; slot freed
     gather(layer, block_ids)           K/V of blocks, from pages (sealed) or staging (open)
     release(block_ids)                 staging of blocks that will never seal (partial, freed)
@@ -8,8 +9,8 @@
 Invariants: a block is sealed iff `sealed[b]`; a sealed block has no staging slot; a write into a
 sealed block (vLLM re-allocated the id) re-opens it. Pages are written only by `seal`.
 
-A seal never fails on the values a model wrote: a block whose staged K/V hold a NaN, an inf, or (with
-rotate_keys) a key too long to stay within the quantizable range once rotated is sanitised in staging
+A seal never fails on the values a model wrote: a block whose staged K/V hold a NaN, an inf, or a
+row too long to stay within the quantizable range once rotated is sanitised in staging
 (`sanitize_staged`) and sealed again, with one warning per request. Stock vLLM caches such values as
 they are; a crash here would take down every request of the engine.
 """
@@ -23,6 +24,7 @@ import torch
 from adakv_vllm.blocks.staging import StagingArea, WritePlan
 from adakv_vllm.controller.features import QERR_BITS
 from adakv_vllm.kernels import cpu, library
+from adakv_vllm.kernels.block_attention import block_attention
 from adakv_vllm.kernels.page_codec import PageCodec
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import Precision
@@ -30,21 +32,21 @@ from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, relative_errors
 
 logger = logging.getLogger("vllm.adakv.store")
 
-# A key row longer than this (L2) is scaled down to it before sealing: a Hadamard-rotated component
-# never exceeds the row's norm, and half the quantizable range leaves room for 16-bit rounding.
-MAX_KEY_NORM = MAX_QUANTIZED_ABS / 2
+# A K or V row longer than this (L2) is scaled down to it before sealing: a rotated component never
+# exceeds sqrt(2) times the row's norm (rotation.py), which keeps it within MAX_ROTATED_ABS.
+MAX_ROW_NORM = MAX_QUANTIZED_ABS / 2
 
 # The precisions whose reconstruction error is reported as a feature (the controller's contract).
 FEATURE_PRECISIONS = tuple(Precision(bits) for bits in QERR_BITS)
 
 
-def _relative_errors(x: torch.Tensor, group_size: int, rotate_record: bool) -> torch.Tensor:
+def _relative_errors(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """x: [T, H, D] -> [T, len(FEATURE_PRECISIONS)]: the compiled kernel (built once, on first use),
     else its torch oracle."""
     module = library.load()
     if module is None:
-        return relative_errors(x, FEATURE_PRECISIONS, group_size, rotate_record)
-    return cpu.relative_errors(x, FEATURE_PRECISIONS, group_size, rotate_record, module)
+        return relative_errors(x, FEATURE_PRECISIONS, group_size)
+    return cpu.relative_errors(x, FEATURE_PRECISIONS, group_size, module)
 
 
 class KVStore:
@@ -54,12 +56,12 @@ class KVStore:
         num_layers: int,
         num_blocks: int,
         dtype: torch.dtype,
-        rotate_keys: bool,
         max_staging_slots: int,
+        track_attention: bool = False,
     ):
         self.layout, self.num_layers, self.dtype = layout, num_layers, dtype
-        self.rotate_keys = rotate_keys
-        self.codec = PageCodec(layout, dtype, rotate_keys)
+        self.track_attention = track_attention  # measure what observe_attention measures
+        self.codec = PageCodec(layout, dtype)
         h, d = layout.num_kv_heads, layout.record.head_size
         self.staging = StagingArea(num_layers, num_blocks, layout.block_size, h, d, dtype, max_staging_slots)
         self.sealed = torch.zeros(num_blocks, dtype=torch.bool)  # [num_blocks]
@@ -112,8 +114,8 @@ class KVStore:
         return self._written
 
     def step_features(self) -> dict[str, torch.Tensor] | None:
-        """Features of the tokens written this step: slots [T] int64 and qerr [T, 3], each token's
-        relative reconstruction error at 2/4/8 bits averaged over layers, heads, K and V.
+        """Features of the tokens written this step: slots [T] int64 and qerr [T, NUM_QERR], each
+        token's relative reconstruction error at QERR_BITS averaged over layers, heads, K and V.
 
         Computed once per step from staging for all layers together (per-layer calls cost ~15x more
         in per-op overhead than the arithmetic), by the compiled kernel of kernels/cpu.py where
@@ -128,10 +130,36 @@ class KVStore:
             value = self.staging.value[:, staging_slots, slots % bs]
             layers, num_tokens = key.shape[:2]
             group = self.layout.record.group_size
-            err = _relative_errors(key.flatten(0, 1), group, self.rotate_keys)
-            err = err + _relative_errors(value.flatten(0, 1), group, False)  # [L*T, 3]
+            err = _relative_errors(key.flatten(0, 1), group)
+            err = err + _relative_errors(value.flatten(0, 1), group)  # [L*T, P]
             self._features = {"slots": slots, "qerr": err.view(layers, num_tokens, -1).mean(0) / 2}
         return self._features
+
+    # ---- attention inside open blocks ---------------------------------------------------------
+    def observe_attention(self, query: torch.Tensor, slot_mapping: torch.Tensor, scale: float, layer: int):
+        """Accumulate the attention this step's queries ([T, num_heads, head_size]) pay to the staged
+        tokens of their own blocks (kernels/block_attention.py), for one layer."""
+        staging = self.staging
+        slots, received, seen = block_attention(
+            query, staging.key[layer], staging.slot_of_block, slot_mapping, self.layout.block_size, scale
+        )
+        staging.received.index_add_(0, slots, received)
+        staging.seen.index_add_(0, slots, seen)
+
+    def completed_attention(self) -> dict[int, list[float]]:
+        """{block id: [block_size] mean attention received} for the blocks this step filled (their
+        last token was written, so every query of the block has looked at them)."""
+        if self._written is None or not self.track_attention:
+            return {}
+        bs = self.layout.block_size
+        full = self._written[self._written % bs == bs - 1] // bs
+        out = {}
+        for block in full.tolist():
+            slot = int(self.staging.slot_of_block[block])
+            if slot >= 0:
+                seen = self.staging.seen[slot]
+                out[block] = torch.where(seen > 0, self.staging.received[slot] / seen, float("nan")).tolist()
+        return out
 
     # ---- sealing --------------------------------------------------------------------------------
     def seal(
@@ -183,7 +211,7 @@ class KVStore:
             if module is not None:  # reads staging and writes the page rows in place
                 cpu.encode_pages(
                     self.staging.key[layer], self.staging.value[layer], key_bits, value_bits, self.layout,
-                    self.dtype, self.rotate_keys, module, slots=slots, clamp=MAX_QUANTIZED_ABS,
+                    self.dtype, module, slots=slots, clamp=MAX_QUANTIZED_ABS,
                     out=self.pages[layer], block_ids=block_ids,
                 )  # fmt: skip
             else:
@@ -194,16 +222,15 @@ class KVStore:
 
     def sanitize_staged(self, block_ids: torch.Tensor) -> torch.Tensor:
         """Make the staged K/V of open `block_ids` ([n] int64) storable, in place, in every layer:
-        NaN -> 0, values beyond +-MAX_QUANTIZED_ABS (inf included) -> the bound and, with
-        rotate_keys, key rows longer than MAX_KEY_NORM scaled down to it. -> [n] values changed."""
+        NaN -> 0, values beyond +-MAX_QUANTIZED_ABS (inf included) -> the bound, and rows longer
+        than MAX_ROW_NORM scaled down to it. -> [n] values changed."""
         slots = self.staging.slot_of_block[block_ids]
         changed = torch.zeros(block_ids.numel(), dtype=torch.int64)
-        for x, is_key in ((self.staging.key, True), (self.staging.value, False)):
+        for x in (self.staging.key, self.staging.value):
             raw = x[:, slots].float()  # [L, n, block_size, H, D]
             fixed = raw.nan_to_num(0.0).clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
-            if is_key and self.rotate_keys:
-                norm = fixed.norm(dim=-1, keepdim=True)
-                fixed = torch.where(norm > MAX_KEY_NORM, fixed * (MAX_KEY_NORM / norm), fixed)
+            norm = fixed.norm(dim=-1, keepdim=True)
+            fixed = torch.where(norm > MAX_ROW_NORM, fixed * (MAX_ROW_NORM / norm), fixed)
             changed += (fixed != raw).transpose(0, 1).reshape(block_ids.numel(), -1).sum(1)
             x[:, slots] = fixed.to(x.dtype)
         return changed
@@ -216,13 +243,13 @@ class KVStore:
             self._warned_owners.add(owner)
             logger.warning(
                 "AdaKV: request %s wrote %d K/V values that cannot be cached as they are (NaN, inf, or "
-                "beyond +-%g) into block %d; stored sanitised (NaN -> 0, clamped, over-long keys scaled "
+                "beyond +-%g) into block %d; stored sanitised (NaN -> 0, clamped, over-long rows scaled "
                 "to norm %g). Further blocks of this request are sanitised silently.",
                 owner,
                 int(changed[i]),
                 MAX_QUANTIZED_ABS,
                 int(block_ids[i]),
-                MAX_KEY_NORM,
+                MAX_ROW_NORM,
             )
 
     def release(self, block_ids) -> None:

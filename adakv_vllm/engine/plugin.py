@@ -141,7 +141,9 @@ def _check_controller(cfg, vllm_config) -> None:
     from adakv_vllm.controller.policy import policy_for
 
     model = vllm_config.model_config
-    policy_for(cfg, model.get_vocab_size() if model is not None else None)
+    if model is None:
+        return
+    policy_for(cfg, model.get_vocab_size(), cfg.group_size_for(model.get_head_size()))
 
 
 # ---- CLI -----------------------------------------------------------------------------------------

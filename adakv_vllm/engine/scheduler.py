@@ -30,7 +30,7 @@ from adakv_vllm.attention import runtime
 from adakv_vllm.blocks import planner
 from adakv_vllm.blocks import spec as spec_glue
 from adakv_vllm.config import from_vllm_config
-from adakv_vllm.controller.policy import policy_for
+from adakv_vllm.controller.policy import PARTS, policy_for
 from adakv_vllm.engine.seal_book import Candidate, SealBook, SealList
 from adakv_vllm.quant.precision import PRECISIONS
 
@@ -48,16 +48,17 @@ class AdaKVScheduler(Scheduler):
         self.layout = spec_glue.layout_of_spec(group.kv_cache_spec, self.adakv)
         self.num_layers = len(group.layer_names)
         self.policy, self.policy_reason = policy_for(
-            self.adakv, self.vllm_config.model_config.get_vocab_size()
+            self.adakv, self.vllm_config.model_config.get_vocab_size(), self.layout.record.group_size
         )
         self.policy_name = self.policy.name
-        heads = self.layout.num_kv_heads
-        # bytes one token costs in a page at each precision (K and V records of every head)
-        self.token_cost = torch.tensor([2 * heads * self.layout.record.record_bytes(p) for p in PRECISIONS])
-        self.page_budget = self.layout.page_bytes - self.layout.header_bytes
+        # keys and values are planned apart, each within its share of the page
+        self.targets = self.adakv.key_value_bits()
+        self.token_cost = self.layout.token_costs()  # [P] bytes of one token's K (or V), all heads
+        self.budgets = self.layout.part_budgets(*self.targets)
         self.prefix_caching = bool(self.cache_config.enable_prefix_caching)
         self.book = SealBook(self.layout.block_size)
-        self.bits_histogram = torch.zeros(len(PRECISIONS), dtype=torch.int64)
+        # tokens sealed at each precision: [2 (keys, values), len(PRECISIONS)]
+        self.bits_histogram = torch.zeros(len(PARTS), len(PRECISIONS), dtype=torch.int64)
         self._log_startup()
 
     # ---- startup -----------------------------------------------------------------------------
@@ -140,27 +141,33 @@ class AdaKVScheduler(Scheduler):
     def _plan(self, candidates: dict[int, Candidate]) -> SealList:
         bs = self.layout.block_size
         block_ids = sorted(candidates)
-        bits = torch.empty(len(block_ids), bs, dtype=torch.int64)
+        bits = torch.empty(len(PARTS), len(block_ids), bs, dtype=torch.int64)  # keys, values
         for row, block in enumerate(block_ids):
             candidate = candidates[block]
-            if self.adakv.target_bits >= PRECISIONS[-1].bits:
-                bits[row] = PRECISIONS[-1].bits  # every policy stores FP16 at 16 bits
-            else:
-                tokens = self.book.block_tokens(block, candidate)
-                weight, distortion = self.policy.scores(tokens)
-                floor = self.policy.floor(tokens)
-                bits[row] = planner.allocate(weight, distortion, self.token_cost, self.page_budget, floor)
+            tokens = self.book.block_tokens(block, candidate)
+            for i, part in enumerate(PARTS):
+                if self.targets[i] >= PRECISIONS[-1].bits:
+                    bits[i, row] = PRECISIONS[-1].bits  # every policy stores FP16 at 16 bits
+                    continue
+                weight, distortion = self.policy.scores(tokens, part)
+                floor = self.policy.floor(tokens, part)
+                bits[i, row] = planner.allocate(weight, distortion, self.token_cost, self.budgets[i], floor)
             self.book.mark_sealed(block, candidate)
-        for i, p in enumerate(PRECISIONS):
-            self.bits_histogram[i] += int((bits == p.bits).sum())
+        self._count_bits(bits, +1)
         owners = [candidates[b].request_id for b in block_ids]
-        return SealList(torch.tensor(block_ids, dtype=torch.int64), bits, owners)
+        return SealList(torch.tensor(block_ids, dtype=torch.int64), bits[0], bits[1], owners)
+
+    def _count_bits(self, bits: torch.Tensor, sign: int) -> None:
+        """bits: [2, n, block_size] keys, values -> bits_histogram [2, len(PRECISIONS)]."""
+        for j, p in enumerate(PRECISIONS):
+            self.bits_histogram[:, j] += sign * (bits == p.bits).flatten(1).sum(1)
 
     # ---- features and freeing ----------------------------------------------------------------
     def update_from_output(self, scheduler_output, model_runner_output):
         features = getattr(model_runner_output, "adakv_features", None) or {}
         if features.get("slots") is not None:
             self.book.store_qerr(features["slots"], features["qerr"])
+        self.book.store_attention(features.get("attention") or {})
         self._unseal(scheduler_output, features.get("unsealed") or [])
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for req_id, values in features.get("sampled", {}).items():
@@ -179,8 +186,7 @@ class AdaKVScheduler(Scheduler):
         if not unsealed or seal is None:
             return
         rows = [i for i, b in enumerate(seal.block_ids.tolist()) if b in set(unsealed)]
-        for i, p in enumerate(PRECISIONS):
-            self.bits_histogram[i] -= int((seal.bits[rows] == p.bits).sum())
+        self._count_bits(torch.stack([seal.key_bits[rows], seal.value_bits[rows]]), -1)
         for block in unsealed:
             self.book.sealed.discard(block)
 

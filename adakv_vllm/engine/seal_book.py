@@ -2,8 +2,10 @@
 
 What it knows, and for how long:
     sealed        block ids whose page is written (until vLLM hands the id out again)
-    qerr          block id -> [block_size, 3] quantization error of its tokens, reported by the worker
-                  that wrote them (until the block seals)
+    qerr          block id -> [block_size, NUM_QERR] quantization error of its tokens, reported by
+                  the worker that wrote them (until the block seals)
+    attention     block id -> [block_size] attention its tokens received inside the block, reported
+                  by the worker when the block filled (until the block seals)
     sampled       request id -> {position: (entropy, probability)} of its sampled (and, with
                   prompt_features, prompt) tokens not sealed yet
     counts        request id -> running token counts of its sequence up to the next block to seal:
@@ -47,7 +49,8 @@ class SealList:
     blocks before the step's forward. Pickled to the worker processes."""
 
     block_ids: torch.Tensor  # [n] int64
-    bits: torch.Tensor  # [n, block_size] int64, each token's precision (keys and values alike)
+    key_bits: torch.Tensor  # [n, block_size] int64, each token's key precision
+    value_bits: torch.Tensor  # [n, block_size] int64, each token's value precision
     owners: list[str]  # [n] the request that wrote each block, for warnings
 
 
@@ -64,6 +67,7 @@ class SealBook:
         self.block_size = block_size
         self.sealed: set[int] = set()
         self._qerr: dict[int, torch.Tensor] = {}
+        self._attention: dict[int, list[float]] = {}
         self._sampled: dict[str, dict[int, tuple[float, float]]] = {}
         self._counts: dict[str, _Counts] = {}
         self._freed_full: dict[int, Candidate] = {}
@@ -112,6 +116,7 @@ class SealBook:
         """What the policy sees of a candidate (qerr as the worker reported it, NaN where not)."""
         bs = self.block_size
         qerr = self._qerr.get(block)
+        attention = self._attention.get(block)
         prior = torch.tensor(c.prior_count, dtype=torch.int64)
         return BlockTokens(
             token_ids=torch.tensor(c.token_ids, dtype=torch.int64),
@@ -120,12 +125,14 @@ class SealBook:
             first_occurrence=prior == 0,
             prior_count=prior,
             sampled=torch.tensor(c.sampled, dtype=torch.float32),
+            attention=torch.tensor(attention if attention is not None else [float("nan")] * bs),
         )
 
     # ---- sealing and re-allocation ---------------------------------------------------------------
     def mark_sealed(self, block: int, c: Candidate) -> None:
         self.sealed.add(block)
         self._qerr.pop(block, None)
+        self._attention.pop(block, None)
         sampled = self._sampled.get(c.request_id)
         if sampled:
             for position in range(c.start, c.start + self.block_size):
@@ -135,6 +142,7 @@ class SealBook:
         """vLLM handed `block` out afresh: whatever it held (a sealed page, a pending seal) is gone."""
         self.sealed.discard(block)
         self._qerr.pop(block, None)
+        self._attention.pop(block, None)
         self._freed_full.pop(block, None)
 
     # ---- features reported by the worker ---------------------------------------------------------
@@ -146,6 +154,10 @@ class SealBook:
             if table is None:
                 table = self._qerr[block] = torch.full((bs, NUM_QERR), float("nan"))
             table[offset] = row
+
+    def store_attention(self, attention: dict[int, list[float]]) -> None:
+        """{block id: [block_size] mean attention received} of blocks that just filled."""
+        self._attention.update(attention)
 
     def record_sampled(self, request_id: str, positions: Sequence[int], values: Sequence[tuple]) -> None:
         self._sampled.setdefault(request_id, {}).update(zip(positions, values, strict=True))

@@ -27,7 +27,7 @@ from adakv_vllm.blocks import spec as spec_glue
 from adakv_vllm.blocks.staging import StagingArea
 from adakv_vllm.blocks.store import KVStore
 from adakv_vllm.config import from_vllm_config
-from adakv_vllm.controller.policy import POLICIES, controller_expectations, resolve
+from adakv_vllm.controller.policy import POLICIES, resolve
 from adakv_vllm.engine.faults import FaultInjector
 
 logger = logging.getLogger("vllm.adakv.worker")
@@ -61,14 +61,9 @@ class AdaKVWorker(CPUWorker):
             raise RuntimeError("AdaKVWorker started without the AdaKV plugin being asked for")
         runtime.set_config(self.adakv)
         super().__init__(vllm_config, *args, **kwargs)
-        # static and random never read each token's quantization error: skip measuring it
-        name, _ = resolve(
-            self.adakv.policy,
-            vllm_config.model_config.get_vocab_size(),
-            self.adakv.controller_weights,
-            controller_expectations(self.adakv.group_size, self.adakv.rotate_keys),
-        )
-        self._reads_qerr = POLICIES[name].reads_qerr
+        # measure only what the policy reads (static and random read nothing)
+        policy = POLICIES[resolve(self.adakv.policy, self.adakv.controller_weights)[0]]
+        self._reads_qerr, self._reads_attention = policy.reads_qerr, policy.reads_attention
         self._faults = FaultInjector.from_env(vllm_config.cache_config.block_size)
         self._unsealed: list[int] = []
 
@@ -95,8 +90,8 @@ class AdaKVWorker(CPUWorker):
             num_layers=len(groups[0].layer_names),
             num_blocks=kv_cache_config.num_blocks,
             dtype=model.dtype,
-            rotate_keys=self.adakv.rotate_keys,
             max_staging_slots=staging_slots(self.vllm_config, layout.block_size),
+            track_attention=self._reads_attention,
         )
         runtime.set_store(store)
 
@@ -110,7 +105,7 @@ class AdaKVWorker(CPUWorker):
         seal = getattr(scheduler_output, "adakv_seal", None)
         self._unsealed = []
         if seal is not None:
-            self._unsealed = store.seal(seal.block_ids, seal.bits, seal.bits, owners=seal.owners)
+            self._unsealed = store.seal(seal.block_ids, seal.key_bits, seal.value_bits, owners=seal.owners)
         output = super().execute_model(scheduler_output)
         if self._faults is not None:
             self._faults.after_forward(scheduler_output, store)
@@ -169,6 +164,7 @@ class AdaKVWorker(CPUWorker):
             "sampled": sampled,
             "prompt": prompt or {},
             "unsealed": self._unsealed,
+            "attention": runtime.store().completed_attention(),
         }
         self._unsealed = []
         return output

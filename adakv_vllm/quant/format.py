@@ -195,6 +195,16 @@ class PageLayout:
     def head_region_offset(self, head: int, region_bytes: int) -> int:
         return self.header_bytes + head * region_bytes
 
+    def token_costs(self) -> torch.Tensor:
+        """[len(PRECISIONS)] int64: bytes one token's keys (or values) cost at each precision, all heads."""
+        return torch.tensor([self.num_kv_heads * self.record.record_bytes(p) for p in PRECISIONS])
+
+    def part_budgets(self, key_bits: float, value_bits: float) -> tuple[int, int]:
+        """Bytes the keys and the values of a full block may use: the shares of the page that
+        `page_bytes_for_target(..., key_bits, value_bits)` granted, the rounding slack to values."""
+        keys = math.floor(self.num_kv_heads * self.block_size * self.record.interpolated_bytes(key_bits))
+        return keys, self.page_bytes - self.header_bytes - keys
+
 
 def page_bytes_for_target(
     block_size: int, num_kv_heads: int, record: RecordLayout, key_bits: float, value_bits: float

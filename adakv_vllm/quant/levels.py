@@ -28,6 +28,9 @@ _LLOYD_MAX_HALF = {
 _UNIFORM_8 = tuple((c + 0.5) / 32 for c in range(128))
 
 QUANTIZED_BITS: tuple[int, ...] = (2, 3, 4, 8)
+# Names this quantizer in controller weights' metadata: features measured with another quantizer
+# (another codebook, rotation or clip search) mean something else. Bump when any of them changes.
+QUANTIZER_ID = "lloyd-fwht-clip13-v1"
 
 
 def _symmetric(half) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import math
 
+import pytest
 import torch
 
 from adakv_vllm.engine.seal_book import SealBook
@@ -50,16 +51,20 @@ def test_counts_stay_right_when_a_block_is_collected_again():
 def test_features_reach_the_policy_and_leave_with_the_seal():
     book = SealBook(BS)
     tokens = list(range(8))
-    book.store_qerr(torch.tensor([4 * BS + 1]), torch.tensor([[0.5, 0.1, 0.01]]))
+    book.store_qerr(torch.tensor([4 * BS + 1]), torch.tensor([[0.5, 0.2, 0.1, 0.01]]))
+    book.store_attention({4: [0.1, 0.2, 0.3, 0.4]})
     book.record_sampled("r", [2], [(1.5, 0.25)])
     found = book.collect("r", [4, 5], 8, tokens)
     block = book.block_tokens(4, found[4])
-    assert torch.equal(block.qerr[1], torch.tensor([0.5, 0.1, 0.01]))
+    assert torch.equal(block.qerr[1], torch.tensor([0.5, 0.2, 0.1, 0.01]))
     assert torch.isnan(block.qerr[0]).all()
     assert block.sampled[2].tolist() == [1.5, 0.25] and math.isnan(block.sampled[0, 0])
     assert block.positions.tolist() == [0, 1, 2, 3]
+    assert block.attention.tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert torch.isnan(book.block_tokens(5, found[5]).attention).all()
     book.mark_sealed(4, found[4])
-    assert torch.isnan(book.block_tokens(4, found[4]).qerr).all()
+    sealed = book.block_tokens(4, found[4])
+    assert torch.isnan(sealed.qerr).all() and torch.isnan(sealed.attention).all()
 
 
 def test_a_freed_request_keeps_full_blocks_for_sealing_and_releases_the_rest():
