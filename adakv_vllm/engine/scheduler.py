@@ -76,18 +76,31 @@ class AdaKVScheduler(Scheduler):
             "ratio": tokens / max(1, kv_bytes // bf16_token),
         }
 
+    def page_capacity(self) -> dict[str, float]:
+        """The format alone: bf16 bytes of one cached token / page bytes of one cached token (bit
+        map, scales and page padding included), and the effective bits per element that means."""
+        bf16 = 2 * self.layout.num_kv_heads * self.layout.record.record_bytes(PRECISIONS[-1])
+        ratio = bf16 / (self.layout.page_bytes / self.layout.block_size)
+        return {"ratio": ratio, "bits_per_element": 16 / ratio}
+
     def _log_startup(self) -> None:
-        cap = self.capacity_report()
+        cap, page = self.capacity_report(), self.page_capacity()
         logger.info(
-            "AdaKV active: %s (policy in use: %s -- %s); page %d bytes (block_size %d, %d KV heads, "
-            "head_size %d); KV capacity %d tokens vs %d at bf16 in the same %.1f MiB (%.2fx)",
+            "AdaKV active: %s (policy in use: %s -- %s); keys %.2f / values %.2f code bits; page %d "
+            "bytes (block_size %d, %d KV heads, head_size %d, group_size %d) = %.2f bits per element "
+            "with scales and bit map, %.2fx the tokens of bf16 per byte; KV capacity %d tokens vs %d "
+            "at bf16 in the same %.1f MiB (%.2fx)",
             self.adakv.describe(),
             self.policy_name,
             self.policy_reason,
+            *self.targets,
             self.layout.page_bytes,
             self.layout.block_size,
             self.layout.num_kv_heads,
             self.layout.record.head_size,
+            self.layout.record.group_size,
+            page["bits_per_element"],
+            page["ratio"],
             cap["tokens"],
             cap["bf16_tokens"],
             cap["kv_mib"],

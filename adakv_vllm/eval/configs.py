@@ -24,8 +24,12 @@ class EvalConfig:
         return {"kv_cache_dtype": self.kv_cache_dtype, "additional_config": extra}
 
 
-def _adakv(name: str, policy: str, bits: float) -> EvalConfig:
-    return EvalConfig(name, {"target_bits": bits, "policy": policy}, nominal_bits=bits)
+def _adakv(policy: str, bits: float, split: float = 1.0, **extra) -> EvalConfig:
+    """`{policy}{bits}`: target_bits = bits, keys +split/2, values -split/2 (the plugin's default
+    split 1); `{policy}{bits}u`: split 0, the same bits for keys and values."""
+    name = f"{policy}{bits:g}" + ("u" if split == 0 and policy != "static" else "")
+    options = {"target_bits": bits, "key_value_split": split, "policy": policy, **extra}
+    return EvalConfig(name, options, nominal_bits=bits)
 
 
 CONFIGS: dict[str, EvalConfig] = {
@@ -33,31 +37,42 @@ CONFIGS: dict[str, EvalConfig] = {
     for c in [
         EvalConfig("bf16", None),
         EvalConfig("fp8", None, kv_cache_dtype="fp8", nominal_bits=8),
-        _adakv("static8", "static", 8),
-        _adakv("static4", "static", 4),
-        _adakv("static2", "static", 2),
-        _adakv("random3", "random", 3),
-        _adakv("random4", "random", 4),
-        _adakv("rule3", "rule", 3),
-        _adakv("rule4", "rule", 4),
-        _adakv("learned3", "learned", 3),
-        _adakv("learned4", "learned", 4),
-        # prompt tokens also get the entropy / confidence features (logits at every prompt position)
-        EvalConfig(
-            "learned3p", {"target_bits": 3, "policy": "learned", "prompt_features": True}, nominal_bits=3
-        ),
+        # uniform formats: every key and value at one precision ...
+        _adakv("static", 8, split=0),
+        _adakv("static", 4, split=0),
+        _adakv("static", 3, split=0),
+        _adakv("static", 2, split=0),
+        # ... and keys one precision above values (K4/V3 at 3.5, K3/V2 at 2.5)
+        _adakv("static", 3.5),
+        _adakv("static", 2.5),
+        # adaptive policies at the same page budgets (3.5: 4.2x the tokens of bf16, 3: 4.9x, 2.75: 5.2x)
+        *(_adakv(policy, bits) for bits in (3.5, 3, 2.75) for policy in ("random", "attention", "rule")),
+        _adakv("attention", 3, split=0),  # the split's share of the gain
+        # the learned controller needs weights trained for this quantizer: adakv eval --controller-weights
+        *(_adakv("learned", bits) for bits in (3.5, 3)),
     ]
 }
-DEFAULT_CONFIGS = tuple(CONFIGS)
+DEFAULT_CONFIGS = tuple(name for name, c in CONFIGS.items() if not c.adakv or c.adakv["policy"] != "learned")
 REFERENCE = "bf16"
 
 
-def parse_configs(names: str) -> list[EvalConfig]:
+def parse_configs(names: str, controller_weights: str | None = None) -> list[EvalConfig]:
+    """Comma list -> configs; learned configs get `controller_weights` (required for them)."""
     out = []
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name not in CONFIGS:
             raise ValueError(f"unknown config {name!r}; choose from {sorted(CONFIGS)}")
-        out.append(CONFIGS[name])
+        config = CONFIGS[name]
+        if config.adakv and config.adakv["policy"] == "learned":
+            if controller_weights is None:
+                raise ValueError(
+                    f"{name} needs controller weights trained for this quantizer: pass --controller-weights "
+                    "(adakv train-controller writes them)"
+                )
+            config = dataclasses.replace(
+                config, adakv={**config.adakv, "controller_weights": controller_weights}
+            )
+        out.append(config)
     return out
 
 

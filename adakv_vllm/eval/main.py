@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=32,
         help="KV block size for every config (stock CPU attention needs a multiple of 32)",
     )
+    parser.add_argument(
+        "--controller-weights", default=None, help="weights for the learned configs (adakv train-controller)"
+    )
     parser.add_argument("--force", action="store_true", help="re-run configs that already have results")
     parser.add_argument(
         "--ray-address",
@@ -60,7 +63,10 @@ def main(args: argparse.Namespace) -> int:
     unknown = sorted(set(tasks) - set(ALL_TASKS))
     if unknown:
         raise SystemExit(f"unknown task(s) {unknown}; choose from {ALL_TASKS}")
-    configs = parse_configs(args.configs)
+    try:
+        configs = parse_configs(args.configs, args.controller_weights)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if "wikitext" in tasks and REFERENCE not in [c.name for c in configs]:
         configs.insert(0, parse_configs(REFERENCE)[0])  # KL needs the bf16 reference distributions
     configs.sort(key=lambda c: c.name != REFERENCE)
@@ -115,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         for i, config in enumerate(first + rest, 1):
             print(f"[{i}/{len(todo)}] {config.name}", file=sys.stderr, flush=True)
-            merged, ref = run_config(config.name, reference=_read(reference_path), **job)
+            merged, ref = run_config(config, reference=_read(reference_path), **job)
             _store(args.out, merged, ref, reference_path)
     results = [json.loads((args.out / f"{c.name}.json").read_text()) for c in configs]
     table = report.markdown(results, settings)
@@ -125,10 +131,11 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_config(name, phases, settings, signature, kv_space, reference):
+def run_config(config, phases, settings, signature, kv_space, reference):
     """Run every phase of one config, each in its own engine process, in a private temp folder, so
     it can run on any machine (a Ray worker included). reference: bytes of the bf16 WikiText
     reference or None. -> (merged result dict, reference bytes this run produced or None)."""
+    name = config.name
     with tempfile.TemporaryDirectory() as tmp:
         reference_path = Path(tmp) / "reference.pt"
         if reference is not None:
@@ -142,6 +149,8 @@ def run_config(name, phases, settings, signature, kv_space, reference):
                 "tasks": phase_tasks,
                 "phase": phase,
                 "config": name,
+                "llm_kwargs": config.llm_kwargs(),
+                "nominal_bits": config.nominal_bits,
                 "signature": signature,
                 "output": str(part),
                 "reference_path": str(reference_path),
@@ -155,6 +164,7 @@ def run_config(name, phases, settings, signature, kv_space, reference):
             merged["results"].update(result["results"])
             merged["seconds"] += result["seconds"]
             merged.setdefault("avg_bits_by_phase", {})[phase] = result["avg_bits"]
+            merged["capacity"] = result["capacity"]
         merged["avg_bits"] = _mean_bits(merged["avg_bits_by_phase"])
         produced = reference_path.read_bytes() if reference is None and reference_path.is_file() else None
         return merged, produced
@@ -169,7 +179,7 @@ def _run_with_ray(address, first, rest, job, reference_path, out) -> None:
     cpus = int(min(node["Resources"].get("CPU", 1) for node in ray.nodes() if node["Alive"]))
     remote = ray.remote(num_cpus=cpus)(run_config)
     for group in (first, rest):
-        refs = [remote.remote(c.name, reference=_read(reference_path), **job) for c in group]
+        refs = [remote.remote(c, reference=_read(reference_path), **job) for c in group]
         for merged, ref in ray.get(refs):
             _store(out, merged, ref, reference_path)
             print(f"{merged['config']}: done on Ray", file=sys.stderr, flush=True)

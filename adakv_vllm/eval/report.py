@@ -12,25 +12,43 @@ def _fmt(mean: float, se: float, scale: float = 1.0, digits: int = 1) -> str:
     return f"{mean * scale:.{digits}f} ± {se * scale:.{digits}f}"
 
 
+def _capacity(r: dict) -> dict:
+    return r.get("capacity") or {"ratio": float("nan"), "bits_per_element": float("nan")}
+
+
+ADAPTIVE = ("attention", "rule", "learned")
+
+
 def _policy_differences(results: list[dict], mc: list[str]) -> list[str]:
-    """Each adaptive policy against random routing and static at the same average bits (the
-    honest controls), paired on the same windows / examples."""
+    """Each adaptive policy against random routing and static at the same budget (the honest
+    controls), and against the best uniform format of equal or higher capacity, paired on the same
+    windows / examples."""
     by_name = {r["config"]: r for r in results}
+    uniform = [
+        r for r in results if (CONFIGS.get(r["config"]) or CONFIGS["bf16"]).adakv is not None
+        and CONFIGS[r["config"]].adakv["policy"] == "static"
+    ]  # fmt: skip
     rows = []
     for r in results:
         name = r["config"]
         config = CONFIGS.get(name)
-        if config is None or not config.adakv or config.adakv.get("policy") not in ("rule", "learned"):
+        if config is None or not config.adakv or config.adakv.get("policy") not in ADAPTIVE:
             continue
         controls = [
             c.name
             for c in CONFIGS.values()
             if c.adakv
             and c.nominal_bits == config.nominal_bits
-            and c.adakv.get("policy") in ("random", "static", "rule")
+            and c.adakv.get("key_value_split") == config.adakv.get("key_value_split")
+            and c.adakv.get("policy") in ("random", "static", *ADAPTIVE)
             and c.name != name
             and c.name in by_name
         ]
+        at_least = [u for u in uniform if _capacity(u)["ratio"] >= _capacity(r)["ratio"] - 1e-9]
+        if at_least:
+            best = min(at_least, key=lambda u: mean_se(u["results"]["wikitext"]["kl"])[0])["config"]
+            if best not in controls:
+                controls.append(best)
         for control in controls:
             other = by_name[control]["results"]
             kl = paired(r["results"]["wikitext"]["kl"], other["wikitext"]["kl"])
@@ -59,15 +77,21 @@ def markdown(results: list[dict], settings: dict) -> str:
     ]
     if "wikitext" in tasks:
         lines += [
-            "| config | avg bits | PPL | NLL Δ vs bf16 | KL vs bf16 (nats/token) | quantized reads |",
-            "|---|---:|---:|---:|---:|---:|",
+            "The frontier: capacity = bf16 bytes per cached token / this config's bytes per cached "
+            "token (scales, bit map and page padding included), bits/elem = 16 / capacity; code bits = "
+            "the average precision the policy chose (keys and values).",
+            "",
+            "| config | capacity | bits/elem | code bits | PPL | NLL Δ vs bf16 | KL vs bf16 (nats/token) "
+            "| quantized reads |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for r in results:
+        for r in sorted(results, key=lambda r: (_capacity(r)["ratio"], r["config"])):
             w = r["results"]["wikitext"]
             d = paired(w["nll"], ref["results"]["wikitext"]["nll"]) if ref else (float("nan"),) * 2
-            kl = mean_se(w["kl"])
+            kl, cap = mean_se(w["kl"]), _capacity(r)
             lines.append(
-                f"| {r['config']} | {r['avg_bits']:.2f} | {w['ppl']:.2f} | {_fmt(*d, digits=4)} | "
+                f"| {r['config']} | {cap['ratio']:.2f}x | {cap['bits_per_element']:.2f} | "
+                f"{r['avg_bits']:.2f} | {w['ppl']:.2f} | {_fmt(*d, digits=4)} | "
                 f"{_fmt(*kl, digits=4)} | {100 * w['quantized_reads']:.0f}% |"
             )
         lines.append("")
@@ -110,6 +134,9 @@ def plots(results: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if all("wikitext" in r["results"] for r in results):
+        _frontier(results, out, plt)
+
     metrics = []
     if all("wikitext" in r["results"] for r in results):
         metrics.append(("wikitext", "KL vs bf16 (nats/token)", lambda m: mean_se(m["kl"])))
@@ -130,3 +157,28 @@ def plots(results: list[dict], out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"{task}.png", dpi=120)
         plt.close(fig)
+
+
+def _frontier(results: list[dict], out: Path, plt) -> None:
+    """KL against capacity, one series per policy (stock configs as their own series)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list] = {}
+    for r in results:
+        config = CONFIGS.get(r["config"])
+        policy = config.adakv["policy"] if config and config.adakv else "stock"
+        series.setdefault(policy, []).append(r)
+    for policy, rs in series.items():
+        rs.sort(key=lambda r: _capacity(r)["ratio"])
+        x = [_capacity(r)["ratio"] for r in rs]
+        y, e = zip(*(mean_se(r["results"]["wikitext"]["kl"]) for r in rs), strict=True)
+        ax.errorbar(x, y, yerr=e, fmt="o" if policy == "stock" else "o-", capsize=3, label=policy)
+        for r, xi, yi in zip(rs, x, y, strict=True):
+            ax.annotate(r["config"], (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("capacity: tokens per byte relative to bf16 (scales and bit map included)")
+    ax.set_ylabel("KL vs bf16 (nats/token), WikiText-2")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+    plt.close(fig)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from adakv_vllm.eval.configs import CONFIGS
 from adakv_vllm.quant.precision import PRECISIONS
 
 # The same engine settings for every config (stock ones included), so differences are the cache's.
@@ -45,18 +44,18 @@ def run(spec: dict) -> dict:
     from adakv_vllm.eval import tasks
     from adakv_vllm.eval.capture import PromptLogprobCapture
 
-    config = CONFIGS[spec["config"]]
+    name, llm_kwargs = spec["config"], spec["llm_kwargs"]
+    uses_pages = llm_kwargs["additional_config"].get("kv_cache_plugin") == "adakv"
     started = time.time()
     block_size = spec["block_size"]
     settings = phase_settings(spec["phase"], block_size)
-    llm = LLM(spec["model"], **COMMON, block_size=block_size, **settings, **config.llm_kwargs())
+    llm = LLM(spec["model"], **COMMON, block_size=block_size, **settings, **llm_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    uses_pages = config.adakv is not None
     capture = PromptLogprobCapture()
     results: dict = {}
     with capture.installed():
         for task in spec["tasks"]:
-            print(f"[{config.name}] {task}", file=sys.stderr, flush=True)
+            print(f"[{name}] {task}", file=sys.stderr, flush=True)
             reads_before = _reads(uses_pages)
             if task == "wikitext":
                 windows = tasks.wikitext_windows(tokenizer, spec["wikitext_window"], spec["wikitext_limit"])
@@ -73,11 +72,14 @@ def run(spec: dict) -> dict:
                 results[task] = tasks.eval_needle(llm, tokenizer, spec["needle_lengths"])
             else:
                 results[task] = tasks.eval_mc(llm, tokenizer, task, spec["limit"])
-            results[task]["quantized_reads"] = _quantized_share(reads_before, _reads(uses_pages), config)
+            results[task]["quantized_reads"] = _quantized_share(
+                reads_before, _reads(uses_pages), llm_kwargs["kv_cache_dtype"]
+            )
     return {
-        "config": config.name,
+        "config": name,
         "signature": spec["signature"],
-        "avg_bits": _average_bits(llm, config),
+        "avg_bits": _average_bits(llm, uses_pages, spec["nominal_bits"]),
+        "capacity": capacity(llm, uses_pages, spec["nominal_bits"]),
         "results": results,
         "seconds": time.time() - started,
     }
@@ -92,22 +94,31 @@ def _reads(uses_pages: bool) -> tuple[int, int]:
     return store.sealed_reads, store.total_reads
 
 
-def _quantized_share(before, after, config) -> float | None:
+def _quantized_share(before, after, kv_cache_dtype: str) -> float | None:
     """Share of attention token-reads served from sealed (quantized) pages during one task."""
-    if config.adakv is None:
-        return 1.0 if config.kv_cache_dtype != "auto" else 0.0
+    if before == after == (0, 0):  # stock: every read is of the cache dtype
+        return 1.0 if kv_cache_dtype != "auto" else 0.0
     total = after[1] - before[1]
     return (after[0] - before[0]) / total if total else 0.0
 
 
-def _average_bits(llm, config) -> float:
-    """Bits actually stored per sealed element (stock configs: their fixed precision)."""
-    if config.adakv is None:
-        return config.nominal_bits
-    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    hist = scheduler.bits_histogram.tolist()
+def _average_bits(llm, uses_pages: bool, nominal_bits: float) -> float:
+    """Code bits actually stored per sealed element, keys and values (stock configs: their fixed
+    precision). Scales and the bit map are not in it: `capacity` counts them."""
+    if not uses_pages:
+        return nominal_bits
+    hist = llm.llm_engine.engine_core.engine_core.scheduler.bits_histogram.sum(0).tolist()
     total = sum(hist)
     return sum(p.bits * c for p, c in zip(PRECISIONS, hist, strict=True)) / total if total else float("nan")
+
+
+def capacity(llm, uses_pages: bool, nominal_bits: float) -> dict:
+    """The capacity ratio (bf16 bytes per cached token / this config's bytes per cached token, the
+    page's bit map and scales included) and the effective bits per element it means."""
+    if not uses_pages:
+        return {"ratio": 16 / nominal_bits, "bits_per_element": nominal_bits}
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    return scheduler.page_capacity()
 
 
 if __name__ == "__main__":

@@ -102,15 +102,16 @@ def test_engine_processes_get_no_plugin_switch(monkeypatch):
 
     monkeypatch.setattr(main.subprocess, "run", fake_run)
     with pytest.raises(RuntimeError, match="bf16 .wikitext. failed"):
-        main.run_config("bf16", [("wikitext", ["wikitext"])], {}, "sig", "1", reference=None)
+        main.run_config(CONFIGS["bf16"], [("wikitext", ["wikitext"])], {}, "sig", "1", reference=None)
     assert seen and not {"ADAKV_KV_CACHE_PLUGIN", "ADAKV_OPTIONS"} & set(seen[0])
     assert seen[0]["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
-def _fake(name, bits, acc):
+def _fake(name, bits, acc, capacity=1.0):
     return {
         "config": name,
         "avg_bits": bits,
+        "capacity": {"ratio": capacity, "bits_per_element": 16 / capacity},
         "results": {
             "wikitext": {"nll": [2.0, 3.0], "kl": [0.0, 0.1], "ppl": 12.2, "quantized_reads": 0.9},
             "piqa": {"acc": acc, "acc_norm": acc, "n": len(acc), "quantized_reads": 0.5},
@@ -119,7 +120,11 @@ def _fake(name, bits, acc):
 
 
 def test_report_markdown_and_plots(tmp_path):
-    results = [_fake("bf16", 16, [1.0, 0.0, 1.0]), _fake("rule3", 3.0, [1.0, 0.0, 0.0])]
+    results = [
+        _fake("bf16", 16, [1.0, 0.0, 1.0]),
+        _fake("rule3", 3.0, [1.0, 0.0, 0.0], capacity=4.89),
+        _fake("static3", 3.0, [1.0, 1.0, 0.0], capacity=4.54),
+    ]
     settings = {
         "model": "/m/SmolLM2",
         "tasks": ["wikitext", "piqa"],
@@ -128,9 +133,13 @@ def test_report_markdown_and_plots(tmp_path):
         "wikitext_window": 8,
     }
     table = report.markdown(results, settings)
-    assert "| rule3 | 3.00 |" in table and "-33.3 ± 33.3" in table
+    assert "| rule3 | 4.89x | 3.27 | 3.00 |" in table and "-33.3 ± 33.3" in table
+    # rows in capacity order; the adaptive policy is paired with the best uniform format of >= capacity
+    assert table.index("| bf16 |") < table.index("| static3 |") < table.index("| rule3 |")
+    assert "| rule3 − static3 |" not in table  # static3 holds fewer tokens: not an equal-capacity control
     report.plots(results, tmp_path)
-    assert (tmp_path / "wikitext.png").stat().st_size > 0 and (tmp_path / "piqa.png").stat().st_size > 0
+    for png in ("wikitext", "piqa", "frontier"):
+        assert (tmp_path / f"{png}.png").stat().st_size > 0
 
 
 def test_eval_refuses_windows_the_learned_controller_was_trained_on():
