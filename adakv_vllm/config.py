@@ -53,6 +53,10 @@ class AdaKVConfig:
     # Compute logits at every prompt position so prompt tokens also get the entropy / confidence
     # features (generated tokens always have them). Costs one vocabulary projection per prompt token.
     prompt_features: bool = False
+    # Share of the KV memory budget kept as FP16 staging for blocks not sealed yet (the open tails).
+    # The scheduler admits requests and sizes prefill chunks to fit it; more staging admits more
+    # concurrent requests, less leaves more tokens in pages (the startup log states both).
+    staging_fraction: float = 0.04
 
     def __post_init__(self) -> None:
         # Types are checked strictly (JSON and YAML hand us strings, floats and booleans where an
@@ -78,6 +82,8 @@ class AdaKVConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.prompt_features, bool):
             raise ValueError(f"prompt_features must be true or false, got {self.prompt_features!r}")
+        if not _is_number(self.staging_fraction) or not 0 < self.staging_fraction < 0.5:
+            raise ValueError(f"staging_fraction must be a number in (0, 0.5), got {self.staging_fraction!r}")
         if self.controller_weights is not None and not isinstance(self.controller_weights, str):
             raise ValueError(f"controller_weights must be a file path, got {self.controller_weights!r}")
 

@@ -4,8 +4,11 @@ A block's tokens are written here as the model computes them; when the block is 
 decides the bits and the worker packs the page, then releases the slot. Staging is shared by all
 requests (keyed by block id), so a prefix-cache hit on a block written in the same step finds it.
 
-Slots come in chunks allocated on demand up to `max_slots`, so memory follows the real number of
-open blocks; the worst case (`max_slots`) is what the capacity figures charge.
+Staging is a scheduled resource (DESIGN.md section 2): its `max_slots` come out of the KV memory
+budget (`reserve_slots`: a share of it, never more than the worst case the scheduler settings can
+need), and the scheduler admits requests and sizes prefill chunks so that no step needs more
+(`step_limits`). The slots are allocated once, up front, inside that budget; pages of the allocation
+are only touched (and resident) as slots get used, lowest slots first.
 
 Invariant: `slot_of_block[b] >= 0` iff block b has a slot; a slot belongs to at most one block.
 """
@@ -13,8 +16,44 @@ Invariant: `slot_of_block[b] >= 0` iff block b has a slot; a slot belongs to at 
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import math
 
 import torch
+
+# The least reserve that lets every step make progress: a few running requests and a one-block chunk.
+MIN_SLOTS = 8
+
+
+def worst_case_slots(max_num_seqs: int, max_num_batched_tokens: int, block_size: int) -> int:
+    """Open blocks one step can need at most: one partial block per running request, plus every
+    block a step can fill (one per request boundary plus the batch's tokens)."""
+    return 2 * max_num_seqs + math.ceil(max_num_batched_tokens / block_size) + 1
+
+
+def reserve_slots(kv_bytes: int, slot_bytes: int, fraction: float, worst_case: int) -> int:
+    """Staging slots for a KV cache of `kv_bytes` when staging takes `fraction` of the memory the
+    two share: between MIN_SLOTS and `worst_case`. The worker charges the same number to vLLM's
+    KV budget as the scheduler plans with (both compute it from the allocated KV cache)."""
+    share = int(fraction / (1 - fraction) * kv_bytes // slot_bytes)
+    return max(MIN_SLOTS, min(worst_case, share))
+
+
+def step_limits(
+    reserve: int, num_running: int, num_prefilling: int, block_size: int, max_tokens: int, max_admit: int
+) -> tuple[int, int]:
+    """-> (token budget, new requests allowed) for the next step, so that its writes fit `reserve`.
+
+    A step's open blocks are at most: one per running request (its partial block), plus for every
+    scheduled prefill chunk of n tokens ceil(n / block_size) + 1 new ones (the +1 twice for a newly
+    admitted request, which also holds its own partial block), so with T tokens and A admissions
+        num_running + num_prefilling + 2 A + T / block_size + 1 <= reserve.
+    A quarter of the free slots may go to admissions; the rest sizes the chunks. At least one block
+    of tokens is always granted, so running requests keep decoding."""
+    free = reserve - num_running - num_prefilling - 1
+    admit = max(0, min(max_admit, free // 4))
+    tokens = block_size * (free - 2 * admit)
+    return max(block_size, min(max_tokens, tokens)), admit
 
 
 class StagingFullError(RuntimeError):
@@ -37,20 +76,21 @@ class StagingArea:
         head_size: int,
         dtype: torch.dtype,
         max_slots: int,
-        chunk_slots: int = 64,
     ):
         self.num_layers, self.block_size = num_layers, block_size
         self.num_kv_heads, self.head_size, self.dtype = num_kv_heads, head_size, dtype
-        self.max_slots, self.chunk_slots = max_slots, chunk_slots
-        # key/value: [num_layers, capacity, block_size, num_kv_heads, head_size]; grows by chunks.
-        self.key = torch.empty(num_layers, 0, block_size, num_kv_heads, head_size, dtype=dtype)
+        self.max_slots = max_slots
+        # key/value: [num_layers, max_slots, block_size, num_kv_heads, head_size]; uninitialised
+        # (a slot is read only once written), so the OS commits pages as slots come into use
+        self.key = torch.empty(num_layers, max_slots, block_size, num_kv_heads, head_size, dtype=dtype)
         self.value = torch.empty_like(self.key)
         self.slot_of_block = torch.full((num_blocks,), -1, dtype=torch.int64)  # [num_blocks]
-        self._free: list[int] = []
+        self._free = list(range(max_slots))  # a heap: the lowest free slot is used first
+        self.peak = 0  # the most slots ever in use at once
         # attention each staged token received inside its block, summed over layers, heads and
-        # queries, and how many (layer, head, query) rows could see it: [capacity, block_size] fp32
-        self.received = torch.zeros(0, block_size)
-        self.seen = torch.zeros(0, block_size)
+        # queries, and how many (layer, head, query) rows could see it: [max_slots, block_size] fp32
+        self.received = torch.zeros(max_slots, block_size)
+        self.seen = torch.zeros(max_slots, block_size)
 
     @staticmethod
     def slot_bytes(
@@ -60,40 +100,34 @@ class StagingArea:
 
     @property
     def capacity(self) -> int:
-        return self.key.shape[1]
+        return self.max_slots
 
     @property
     def num_used(self) -> int:
-        return self.capacity - len(self._free)
-
-    def _grow(self) -> None:
-        old, new = self.capacity, min(self.capacity + self.chunk_slots, self.max_slots)
-        if new == old:
-            raise StagingFullError(f"all {self.max_slots} FP16 staging slots are in use")
-        shape = (self.num_layers, new - old, *self.key.shape[2:])
-        self.key = torch.cat([self.key, torch.zeros(shape, dtype=self.dtype)], dim=1)
-        self.value = torch.cat([self.value, torch.zeros(shape, dtype=self.dtype)], dim=1)
-        self.received = torch.cat([self.received, torch.zeros(new - old, self.block_size)])
-        self.seen = torch.cat([self.seen, torch.zeros(new - old, self.block_size)])
-        self._free.extend(range(new - 1, old - 1, -1))
+        return self.max_slots - len(self._free)
 
     def assign(self, block_ids: torch.Tensor) -> torch.Tensor:
-        """Slots for `block_ids` ([n] int64), allocating for blocks without one. -> [n] int64."""
+        """Slots for `block_ids` ([n] int64), allocating for blocks without one. -> [n] int64.
+        StagingFullError when none is free: the scheduler's step limits exist to prevent it."""
         missing = block_ids[self.slot_of_block[block_ids] < 0].unique().tolist()
+        if len(missing) > len(self._free):
+            raise StagingFullError(
+                f"{len(missing)} blocks need FP16 staging but {len(self._free)} of {self.max_slots} "
+                "slots are free"
+            )
         for block in missing:
-            if not self._free:
-                self._grow()
-            slot = self._free.pop()
+            slot = heapq.heappop(self._free)
             self.slot_of_block[block] = slot
             self.received[slot] = 0.0
             self.seen[slot] = 0.0
+        self.peak = max(self.peak, self.num_used)
         return self.slot_of_block[block_ids]
 
     def release(self, block_ids) -> None:
         for block in block_ids:
             slot = int(self.slot_of_block[block])
             if slot >= 0:
-                self._free.append(slot)
+                heapq.heappush(self._free, slot)
                 self.slot_of_block[block] = -1
 
     def plan(self, slot_mapping: torch.Tensor) -> WritePlan:

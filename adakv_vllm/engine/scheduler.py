@@ -29,8 +29,10 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from adakv_vllm.attention import runtime
 from adakv_vllm.blocks import planner
 from adakv_vllm.blocks import spec as spec_glue
+from adakv_vllm.blocks.staging import step_limits
 from adakv_vllm.config import from_vllm_config
 from adakv_vllm.controller.policy import PARTS, policy_for
+from adakv_vllm.engine import staging_budget
 from adakv_vllm.engine.seal_book import Candidate, SealBook, SealList
 from adakv_vllm.quant.precision import PRECISIONS
 
@@ -57,23 +59,31 @@ class AdaKVScheduler(Scheduler):
         self.budgets = self.layout.part_budgets(*self.targets)
         self.prefix_caching = bool(self.cache_config.enable_prefix_caching)
         self.book = SealBook(self.layout.block_size)
+        # FP16 staging is scheduled like KV blocks: every step's writes must fit the reserve
+        self.staging_slots = staging_budget.for_kv_cache(self.vllm_config, self.adakv, self.kv_cache_config)
+        self._configured_limits = (self.max_num_scheduled_tokens, self.max_num_active_reqs)
         # tokens sealed at each precision: [2 (keys, values), len(PRECISIONS)]
         self.bits_histogram = torch.zeros(len(PARTS), len(PRECISIONS), dtype=torch.int64)
         self._log_startup()
 
     # ---- startup -----------------------------------------------------------------------------
     def capacity_report(self) -> dict[str, float]:
-        """KV capacity in tokens, next to what bf16 pages would hold in the same memory."""
+        """KV capacity in tokens, next to what bf16 would hold in the same memory: the pages AND the
+        FP16 staging reserve, which stock vLLM would have spent on bf16 blocks."""
         kv_bytes = self.kv_cache_config.num_blocks * self.layout.page_bytes * self.num_layers
+        staging_bytes = self.staging_slots * staging_budget.slot_bytes(self.vllm_config)
         bf16_token = (
             2 * self.num_layers * self.layout.num_kv_heads * self.layout.record.record_bytes(PRECISIONS[-1])
         )
         tokens = self.kv_cache_config.num_blocks * self.layout.block_size
+        bf16_tokens = (kv_bytes + staging_bytes) // bf16_token
         return {
             "tokens": tokens,
-            "bf16_tokens": kv_bytes // bf16_token,
+            "bf16_tokens": bf16_tokens,
             "kv_mib": kv_bytes / 2**20,
-            "ratio": tokens / max(1, kv_bytes // bf16_token),
+            "staging_mib": staging_bytes / 2**20,
+            "staging_slots": self.staging_slots,
+            "ratio": tokens / max(1, bf16_tokens),
         }
 
     def page_capacity(self) -> dict[str, float]:
@@ -88,8 +98,8 @@ class AdaKVScheduler(Scheduler):
         logger.info(
             "AdaKV active: %s (policy in use: %s -- %s); keys %.2f / values %.2f code bits; page %d "
             "bytes (block_size %d, %d KV heads, head_size %d, group_size %d) = %.2f bits per element "
-            "with scales and bit map, %.2fx the tokens of bf16 per byte; KV capacity %d tokens vs %d "
-            "at bf16 in the same %.1f MiB (%.2fx)",
+            "with scales and bit map, %.2fx the tokens of bf16 per byte; FP16 staging %d slots "
+            "(%.1f MiB); KV capacity %d tokens vs %d at bf16 in the same %.1f MiB (%.2fx)",
             self.adakv.describe(),
             self.policy_name,
             self.policy_reason,
@@ -101,14 +111,17 @@ class AdaKVScheduler(Scheduler):
             self.layout.record.group_size,
             page["bits_per_element"],
             page["ratio"],
+            cap["staging_slots"],
+            cap["staging_mib"],
             cap["tokens"],
             cap["bf16_tokens"],
-            cap["kv_mib"],
+            cap["kv_mib"] + cap["staging_mib"],
             cap["ratio"],
         )
 
     # ---- step --------------------------------------------------------------------------------
     def schedule(self, *args, **kwargs):
+        self._fit_staging()
         book = self.book
         candidates = book.take_freed_full()
         for request in self.running:
@@ -131,6 +144,22 @@ class AdaKVScheduler(Scheduler):
         output.adakv_release = book.take_releases()
         output.adakv_seal = self._plan(candidates) if candidates else None
         return output
+
+    def _fit_staging(self) -> None:
+        """Cap this step's token budget and admissions so its writes fit the staging reserve
+        (blocks/staging.step_limits); vLLM reads both limits afresh in every schedule()."""
+        max_tokens, max_active = self._configured_limits
+        prefilling = sum(1 for r in self.running if r.num_computed_tokens < r.num_tokens - 1)
+        tokens, admit = step_limits(
+            self.staging_slots,
+            len(self.running),
+            prefilling,
+            self.layout.block_size,
+            max_tokens,
+            max(0, max_active - len(self.running)),
+        )
+        self.max_num_scheduled_tokens = tokens
+        self.max_num_active_reqs = len(self.running) + admit
 
     def _newly_allocated(self, output) -> set[int]:
         """Block ids handed out by this step's allocation (prefix-cache hits excluded)."""

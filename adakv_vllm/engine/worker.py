@@ -9,49 +9,27 @@
          request's sampled token (keyed by request id) and, with prompt_features, the same for the
          prompt tokens whose predicting position ran this step
 
-The FP16 staging area's worst case is charged to the KV memory budget, so AdaKV uses the same
-memory as stock vLLM at the same VLLM_CPU_KVCACHE_SPACE and its capacity figures are honest.
+The FP16 staging reserve is charged to the KV memory budget, so AdaKV uses the same memory as stock
+vLLM at the same VLLM_CPU_KVCACHE_SPACE and its capacity figures are honest.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 
 import torch
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from adakv_vllm.attention import runtime
 from adakv_vllm.blocks import spec as spec_glue
-from adakv_vllm.blocks.staging import StagingArea
 from adakv_vllm.blocks.store import KVStore
 from adakv_vllm.config import from_vllm_config
 from adakv_vllm.controller.policy import POLICIES, resolve
+from adakv_vllm.engine import staging_budget
 from adakv_vllm.engine.faults import FaultInjector
 
 logger = logging.getLogger("vllm.adakv.worker")
-
-
-def staging_slots(vllm_config, block_size: int) -> int:
-    """Worst-case open blocks at one write: one partial block per running request, plus every block
-    a step can fill (one per request boundary plus the batch's tokens)."""
-    sched = vllm_config.scheduler_config
-    return 2 * sched.max_num_seqs + math.ceil(sched.max_num_batched_tokens / block_size) + 1
-
-
-def staging_bytes(vllm_config) -> int:
-    model = vllm_config.model_config
-    parallel = vllm_config.parallel_config
-    block_size = vllm_config.cache_config.block_size
-    per_slot = StagingArea.slot_bytes(
-        model.get_num_layers(parallel),
-        block_size,
-        model.get_num_kv_heads(parallel),
-        model.get_head_size(),
-        model.dtype.itemsize,
-    )
-    return staging_slots(vllm_config, block_size) * per_slot
 
 
 class AdaKVWorker(CPUWorker):
@@ -68,13 +46,14 @@ class AdaKVWorker(CPUWorker):
         self._unsealed: list[int] = []
 
     def determine_available_memory(self) -> int:
+        """vLLM's KV budget minus the FP16 staging reserve (engine/staging_budget.py), so AdaKV uses
+        the memory stock vLLM would at the same VLLM_CPU_KVCACHE_SPACE."""
         available = super().determine_available_memory()
-        reserved = staging_bytes(self.vllm_config)
+        reserved = staging_budget.bytes_for_available(self.vllm_config, self.adakv, available)
         if reserved >= available:
             raise ValueError(
-                f"AdaKV's FP16 staging needs {reserved / 2**20:.0f} MiB but the KV budget is only "
-                f"{available / 2**20:.0f} MiB; lower max_num_seqs / max_num_batched_tokens or raise "
-                "VLLM_CPU_KVCACHE_SPACE"
+                f"AdaKV's FP16 staging needs at least {reserved / 2**20:.0f} MiB but the KV budget is only "
+                f"{available / 2**20:.0f} MiB; raise VLLM_CPU_KVCACHE_SPACE"
             )
         return available - reserved
 
@@ -90,7 +69,7 @@ class AdaKVWorker(CPUWorker):
             num_layers=len(groups[0].layer_names),
             num_blocks=kv_cache_config.num_blocks,
             dtype=model.dtype,
-            max_staging_slots=staging_slots(self.vllm_config, layout.block_size),
+            max_staging_slots=staging_budget.for_kv_cache(self.vllm_config, self.adakv, kv_cache_config),
             track_attention=self._reads_attention,
         )
         runtime.set_store(store)

@@ -153,12 +153,33 @@ def test_sanitize_counts_only_changed_values():
 
 
 def test_release_and_capacity():
-    staging = StagingArea(1, BLOCKS, BS, H, D, torch.bfloat16, max_slots=2, chunk_slots=1)
-    staging.assign(torch.tensor([0, 1]))
-    with pytest.raises(StagingFullError):
-        staging.assign(torch.tensor([2]))
-    staging.release([0])
-    assert staging.assign(torch.tensor([2])).item() >= 0
+    staging = StagingArea(1, BLOCKS, BS, H, D, torch.bfloat16, max_slots=3)
+    assert staging.assign(torch.tensor([4, 1, 4])).tolist() == [1, 0, 1]  # lowest free slots first
+    staging.assign(torch.tensor([2]))
+    with pytest.raises(StagingFullError, match="0 of 3 slots are free"):
+        staging.assign(torch.tensor([3]))
+    staging.release([4])
+    assert staging.assign(torch.tensor([3])).item() == 1 and staging.peak == 3  # block 4 freed slot 1
+    staging.release([1, 2, 3])
+    assert staging.num_used == 0 and staging.peak == 3
+
+
+@pytest.mark.parametrize("reserve", [8, 13, 72, 641])
+def test_step_limits_keep_every_step_within_the_reserve(reserve):
+    from adakv_vllm.blocks.staging import MIN_SLOTS, step_limits
+
+    assert reserve >= MIN_SLOTS
+    running, prefilling = 0, 0
+    for _ in range(200):  # requests arrive every step, as many as allowed; a third keep prefilling
+        tokens, admit = step_limits(
+            reserve, running, prefilling, BS, max_tokens=4096, max_admit=256 - running
+        )
+        assert tokens >= BS and 0 <= admit <= 256 - running
+        # the worst case the limits allow: every running request's partial block, every chunk's
+        # blocks and the +1 of every chunk (twice for a new request)
+        assert running + prefilling + 2 * admit + tokens / BS <= reserve or (admit == 0 and tokens == BS)
+        running, prefilling = running + admit, (prefilling + admit) * 2 // 3
+    assert running <= reserve
 
 
 def test_features_are_per_token_relative_errors():
