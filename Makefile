@@ -6,7 +6,7 @@ VLLM_BUILD ?= cpu
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.adakv-installed-$(VLLM_BUILD)
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo test test-slow soak lint clean
 
 $(STAMP): pyproject.toml requirements-model.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: lint
 
 test-slow: lint
 	$(PY) -m pytest
+
+# `adakv serve` under a bounded mixed load, then survival checks (not part of `make test`).
+SOAK_SECONDS ?= 600
+soak: install
+	$(PY) benchmarks/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

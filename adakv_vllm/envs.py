@@ -29,6 +29,11 @@ ENV_VARS: dict[str, tuple[str | None, str]] = {
         "CPU decode attention: 'fused' (C++ kernel over packed pages; error if it cannot build), "
         "'scratch' (decode pages into a bf16 scratch, vLLM's kernel), 'auto' (fused when it builds)",
     ),
+    "ADAKV_STATS_FILE": (
+        None,
+        "a path: the worker rewrites it (JSON, at most once a second and whenever staging empties) with "
+        "staging use, peak and reserve, blocks sealed and requests sanitised (make soak reads it)",
+    ),
     "ADAKV_TEST_POISON_TOKEN": (
         None,
         "TESTS ONLY: a token id; requests whose prompt holds it get NaN K/V cached (engine/faults.py)",
@@ -81,3 +86,7 @@ def test_poison_token() -> int | None:
         return int(raw)
     except ValueError:
         raise ValueError(f"ADAKV_TEST_POISON_TOKEN must be a token id (an integer), got {raw!r}") from None
+
+
+def stats_file() -> str | None:
+    return _get("ADAKV_STATS_FILE") or None

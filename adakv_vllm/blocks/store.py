@@ -72,7 +72,8 @@ class KVStore:
         # Attention token-reads (query x visible key) served from sealed pages vs in all; layer 0.
         self.sealed_reads = 0
         self.total_reads = 0
-        self._warned_owners: set[str] = set()  # requests already warned about sanitised values
+        self.sanitized_owners: set[str] = set()  # requests whose K/V were sanitised (warned once each)
+        self.sealed_total = 0  # blocks sealed since start
 
     # ---- binding -------------------------------------------------------------------------------
     def bind(self, layer: int, kv_cache: torch.Tensor) -> None:
@@ -200,6 +201,7 @@ class KVStore:
             self._warn_sanitized(block_ids, changed, owners)
             self._encode(block_ids, key_bits, value_bits)
         self.sealed[block_ids] = True
+        self.sealed_total += int(block_ids.numel())
         self._plan = None  # it may name the released slots
         self.staging.release(block_ids.tolist())
         return unstaged
@@ -238,9 +240,9 @@ class KVStore:
     def _warn_sanitized(self, block_ids: torch.Tensor, changed: torch.Tensor, owners: list[str] | None):
         for i in changed.nonzero().squeeze(1).tolist():
             owner = owners[i] if owners is not None else "?"
-            if owner in self._warned_owners:
+            if owner in self.sanitized_owners:
                 continue
-            self._warned_owners.add(owner)
+            self.sanitized_owners.add(owner)
             logger.warning(
                 "AdaKV: request %s wrote %d K/V values that cannot be cached as they are (NaN, inf, or "
                 "beyond +-%g) into block %d; stored sanitised (NaN -> 0, clamped, over-long rows scaled "

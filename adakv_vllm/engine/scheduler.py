@@ -145,6 +145,11 @@ class AdaKVScheduler(Scheduler):
         output.adakv_seal = self._plan(candidates) if candidates else None
         return output
 
+    def has_requests(self) -> bool:
+        """Also true while freed requests' blocks wait to be sealed or released: one more (empty)
+        step hands them to the worker, so an idle engine holds no staging."""
+        return super().has_requests() or self.book.has_pending()
+
     def _fit_staging(self) -> None:
         """Cap this step's token budget and admissions so its writes fit the staging reserve
         (blocks/staging.step_limits); vLLM reads both limits afresh in every schedule()."""

@@ -91,6 +91,11 @@ class SealBook:
         self._freed_full = {}
         return out
 
+    def has_pending(self) -> bool:
+        """Blocks of freed requests still to seal or release: the engine must step once more even
+        with no request left, or their staging would stay held while it idles."""
+        return bool(self._releases) or any(b not in self.sealed for b in self._freed_full)
+
     def take_releases(self) -> list[int]:
         out, self._releases = self._releases, []
         return out

@@ -21,6 +21,7 @@ import logging
 import torch
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from adakv_vllm import envs
 from adakv_vllm.attention import runtime
 from adakv_vllm.blocks import spec as spec_glue
 from adakv_vllm.blocks.store import KVStore
@@ -28,6 +29,7 @@ from adakv_vllm.config import from_vllm_config
 from adakv_vllm.controller.policy import POLICIES, resolve
 from adakv_vllm.engine import staging_budget
 from adakv_vllm.engine.faults import FaultInjector
+from adakv_vllm.engine.stats import StatsFile
 
 logger = logging.getLogger("vllm.adakv.worker")
 
@@ -43,6 +45,7 @@ class AdaKVWorker(CPUWorker):
         policy = POLICIES[resolve(self.adakv.policy, self.adakv.controller_weights)[0]]
         self._reads_qerr, self._reads_attention = policy.reads_qerr, policy.reads_attention
         self._faults = FaultInjector.from_env(vllm_config.cache_config.block_size)
+        self._stats = StatsFile(envs.stats_file()) if envs.stats_file() else None
         self._unsealed: list[int] = []
 
     def determine_available_memory(self) -> int:
@@ -88,6 +91,8 @@ class AdaKVWorker(CPUWorker):
         output = super().execute_model(scheduler_output)
         if self._faults is not None:
             self._faults.after_forward(scheduler_output, store)
+        if self._stats is not None:
+            self._stats.update(store)
         if output is not None:
             output = self._attach(output, None)
         return output

@@ -85,3 +85,13 @@ def test_forget_drops_a_pending_freed_block():
     book.free_request("r", [7], num_full=1, tokens=[1, 2, 3, 4], keep_full=True)
     book.forget(7)
     assert book.take_freed_full() == {}
+
+
+def test_pending_work_keeps_the_engine_stepping_until_handed_over():
+    book = SealBook(BS)
+    assert not book.has_pending()
+    book.free_request("r", [7, 8], num_full=1, tokens=[1, 2, 3, 4, 5], keep_full=True)
+    assert book.has_pending()  # block 7 must seal, block 8 must be released
+    book.take_releases()
+    freed = book.take_freed_full()
+    assert not book.has_pending() and list(freed) == [7]
