@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adakv_vllm.config import PLUGIN_NAME
+from adakv_vllm.config import PLUGIN_NAME, POLICIES, AdaKVConfig
 from adakv_vllm.model_store import DEFAULT_MODEL, resolve_model
 
 
@@ -148,8 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--model", default=None, help=f"hub id or folder (default: embedded {DEFAULT_MODEL})")
     demo.add_argument("--max-tokens", type=int, default=32)
-    demo.add_argument("--target-bits", type=float, default=4.0, help="average bits per cached element")
-    demo.add_argument("--policy", default="auto", help="auto | static | random | rule | learned")
+    demo.add_argument(
+        "--target-bits",
+        type=float,
+        default=AdaKVConfig.target_bits,
+        help="average code bits per cached element, keys and values (default: the plugin's)",
+    )
+    demo.add_argument("--policy", default="auto", choices=POLICIES, help="(default: the plugin's auto)")
     demo.add_argument("--max-model-len", type=int, default=2048)
     demo.add_argument(
         "--gpu-memory-utilization",

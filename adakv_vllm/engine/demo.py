@@ -62,19 +62,25 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"\n>>> {prompt!r}\n{out.outputs[0].text!r}")
 
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    hist = scheduler.bits_histogram.tolist()
-    total = max(1, sum(hist))
-    print(f"\nBits chosen for sealed tokens (policy {args.policy}, target {args.target_bits}):")
-    for p, count in zip(PRECISIONS, hist, strict=True):
-        print(f"  {p.bits:>2} bits: {count:>6} tokens {'#' * round(40 * count / total)}")
-    mean = sum(p.bits * c for p, c in zip(PRECISIONS, hist, strict=True)) / total
-    print(f"  average {mean:.2f} bits over {sum(hist)} sealed tokens")
+    print(f"\nBits chosen for sealed tokens (policy {scheduler.policy_name}, target {args.target_bits}):")
+    for part, hist in zip(("keys", "values"), scheduler.bits_histogram.tolist(), strict=True):
+        total = max(1, sum(hist))
+        print(f"  {part}:")
+        for p, count in zip(PRECISIONS, hist, strict=True):
+            print(f"    {p.bits:>2} bits: {count:>6} tokens {'#' * round(40 * count / total)}")
+        mean = sum(p.bits * c for p, c in zip(PRECISIONS, hist, strict=True)) / total
+        print(f"    average {mean:.2f} code bits over {sum(hist)} sealed tokens")
 
-    cap = scheduler.capacity_report()
+    cap, page = scheduler.capacity_report(), scheduler.page_capacity()
     print(
-        f"\nKV cache: {cap['tokens']:,} tokens in {cap['kv_mib']:.0f} MiB; bf16 would hold "
-        f"{cap['bf16_tokens']:,} -> {cap['ratio']:.2f}x the tokens (memory saved per token: "
-        f"{100 * (1 - 1 / cap['ratio']):.0f}%)"
+        f"\nPages: {page['bits_per_element']:.2f} bits per element with scales and bit map, "
+        f"{page['ratio']:.2f}x the tokens of bf16 per byte."
+    )
+    print(
+        f"KV cache: {cap['tokens']:,} tokens in {cap['kv_mib']:.0f} MiB of pages + "
+        f"{cap['staging_mib']:.0f} MiB of FP16 staging ({cap['staging_slots']} open blocks); "
+        f"bf16 would hold {cap['bf16_tokens']:,} in the same memory -> {cap['ratio']:.2f}x the tokens "
+        f"(memory saved per token: {100 * (1 - 1 / cap['ratio']):.0f}%)"
     )
     layout = scheduler.layout
     print(f"\nRecord sizes (head_size {layout.record.head_size}, group_size {layout.record.group_size}):")
