@@ -37,7 +37,8 @@ class AdaKVConfig:
     # grants, 2..16, fractions allowed; scales and the bit map are paid on top (see the startup log).
     target_bits: float = 3.5
     # How many more bits keys get than values within target_bits (0 = the same budget for both).
-    key_value_split: float = DEFAULT_KEY_VALUE_SPLIT
+    # None = 1, except for `static` where target_bits +- 0.5 are not both precisions (static 8: all 8).
+    key_value_split: float | None = None
     # Which tokens get which bits inside the budget: static | random | attention | rule | learned;
     # auto = attention (the attention each token receives inside its own open block).
     policy: str = "auto"
@@ -63,14 +64,16 @@ class AdaKVConfig:
         # int was meant): a value accepted here must mean what the startup log says it means.
         if not _is_number(self.target_bits) or not 2 <= self.target_bits <= 16:
             raise ValueError(f"target_bits must be a number within [2, 16], got {self.target_bits!r}")
-        if not _is_number(self.key_value_split) or not 0 <= self.key_value_split <= 14:
+        if self.key_value_split is not None and (
+            not _is_number(self.key_value_split) or not 0 <= self.key_value_split <= 14
+        ):
             raise ValueError(f"key_value_split must be a number within [0, 14], got {self.key_value_split!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {POLICIES}")
         if self.policy == "static" and not set(self.key_value_bits()) <= set(ALL_BITS):
             raise ValueError(
                 f"policy 'static' needs key and value bits in {ALL_BITS}; target_bits {self.target_bits} "
-                f"with key_value_split {self.key_value_split} gives {self.key_value_bits()}"
+                f"with key_value_split {self.split()} gives {self.key_value_bits()}"
             )
         if self.group_size is not None and (
             not _is_int(self.group_size) or self.group_size not in SUPPORTED_GROUP_SIZES
@@ -87,11 +90,20 @@ class AdaKVConfig:
         if self.controller_weights is not None and not isinstance(self.controller_weights, str):
             raise ValueError(f"controller_weights must be a file path, got {self.controller_weights!r}")
 
+    def split(self) -> float:
+        """key_value_split with its default resolved."""
+        if self.key_value_split is not None:
+            return float(self.key_value_split)
+        half = DEFAULT_KEY_VALUE_SPLIT / 2
+        if self.policy == "static" and not {self.target_bits + half, self.target_bits - half} <= set(ALL_BITS):
+            return 0.0
+        return DEFAULT_KEY_VALUE_SPLIT
+
     def key_value_bits(self) -> tuple[float, float]:
-        """(key bits, value bits) the page budget grants: target_bits +- key_value_split / 2, kept
-        within [2, 16] with the same average."""
+        """(key bits, value bits) the page budget grants: target_bits +- split / 2, kept within
+        [2, 16] with the same average."""
         t = float(self.target_bits)
-        key = min(16.0, t + self.key_value_split / 2)
+        key = min(16.0, t + self.split() / 2)
         value = 2 * t - key
         if value < 2:
             value, key = 2.0, 2 * t - 2

@@ -22,6 +22,12 @@ def test_key_value_split_keeps_the_average_within_range(target, split, expected)
     assert (k, v) == pytest.approx(expected) and (k + v) / 2 == pytest.approx(target)
 
 
+def test_static_splits_only_where_both_parts_are_precisions():
+    assert AdaKVConfig(policy="static", target_bits=8).key_value_bits() == (8.0, 8.0)
+    assert AdaKVConfig(policy="static", target_bits=3.5).key_value_bits() == (4.0, 3.0)
+    assert AdaKVConfig(policy="random", target_bits=8).key_value_bits() == (8.5, 7.5)
+
+
 def test_group_size_follows_the_head_size():
     assert [AdaKVConfig().group_size_for(d) for d in (64, 80, 96, 128)] == [64, 16, 32, 64]
     assert AdaKVConfig(group_size=32).group_size_for(64) == 32
@@ -34,7 +40,7 @@ def test_group_size_follows_the_head_size():
         ({"target_bits": 17}, r"\[2, 16\]"),
         ({"target_bits": "4"}, r"\[2, 16\]"),
         ({"policy": "learned-ish"}, "unknown policy"),
-        ({"policy": "static", "target_bits": 3}, "static"),  # keys 3.5, values 2.5: not a precision
+        ({"policy": "static", "target_bits": 3, "key_value_split": 1}, "static"),  # keys 3.5: no precision
         ({"key_value_split": -1}, "key_value_split"),
         ({"rotate_keys": True}, "unknown AdaKV option"),
         ({"group_size": 24}, "group_size"),
