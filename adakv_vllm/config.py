@@ -95,7 +95,8 @@ class AdaKVConfig:
         if self.key_value_split is not None:
             return float(self.key_value_split)
         half = DEFAULT_KEY_VALUE_SPLIT / 2
-        if self.policy == "static" and not {self.target_bits + half, self.target_bits - half} <= set(ALL_BITS):
+        parts = {self.target_bits + half, self.target_bits - half}
+        if self.policy == "static" and not parts <= set(ALL_BITS):
             return 0.0
         return DEFAULT_KEY_VALUE_SPLIT
 
