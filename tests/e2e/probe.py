@@ -23,7 +23,7 @@ def main(spec: dict) -> dict:
 
     from adakv_vllm.model_store import resolve_model
 
-    decisions: dict[int, list[int]] = {}
+    decisions: dict[int, tuple[list[int], list[int]]] = {}  # block -> (key bits, value bits)
     preemptions = []
     sampled_positions: list[list[float]] = []  # [position, entropy, probability] of sealed tokens
     if spec.get("inspect"):
@@ -44,8 +44,9 @@ def main(spec: dict) -> dict:
                     if entropy == entropy:  # known (not NaN)
                         sampled_positions.append([c.start + offset, entropy, prob])
             seal = original(self, candidates)
-            for block, row in zip(seal.block_ids.tolist(), seal.bits.tolist(), strict=True):
-                decisions[block] = row
+            rows = zip(seal.block_ids.tolist(), seal.key_bits.tolist(), seal.value_bits.tolist(), strict=True)
+            for block, key_row, value_row in rows:
+                decisions[block] = (key_row, value_row)
             return seal
 
         AdaKVScheduler._plan = recording_plan
@@ -91,7 +92,8 @@ def _inspect(llm, decisions: dict[int, list[int]]) -> dict:
     used = [store.layout.used_bytes(k, v) for k, v in zip(key_bits, value_bits, strict=True)]
     return {
         "sealed_blocks": sealed,
-        "decided_bits": [decisions[b] for b in sealed],
+        "decided_key_bits": [decisions[b][0] for b in sealed],
+        "decided_value_bits": [decisions[b][1] for b in sealed],
         "read_key_bits": key_bits.tolist(),
         "read_value_bits": value_bits.tolist(),
         "used_bytes": used,

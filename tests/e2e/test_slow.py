@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.test_engine import LLM_ARGS, SCRATCH, STOCK, adakv, token_agreement
+from tests.e2e.test_engine import LLM_ARGS, SCRATCH, STOCK, adakv, prefix_share
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,8 @@ def test_tensor_parallel_3(probe):
     tp1 = probe(adakv(options))
     tp3 = probe(adakv(options, llm=TP3), env=TP3_ENV)
     stock_tp1 = probe(STOCK)
-    stock_agreement = token_agreement(stock_tp3, stock_tp1)
-    agreement = token_agreement(tp3, tp1)
+    stock_agreement = prefix_share(stock_tp3, stock_tp1)
+    agreement = prefix_share(tp3, tp1)
     print(f"token agreement TP=3 vs TP=1: stock {stock_agreement:.3f}, adakv 4-bit {agreement:.3f}")
     # measured: stock 0.975, adakv 0.972; a rank reading the wrong head or page gives garbage (< 0.5)
     assert agreement >= stock_agreement - 0.1, (agreement, stock_agreement)
@@ -50,6 +50,6 @@ def test_torch_compile_mode(probe):
     pairs = zip(fused["token_ids"], stock["token_ids"], strict=True)
     same_start = sum(a[0][:8] == b[0][:8] for a, b in pairs)
     assert same_start >= 6
-    agreement = token_agreement(fused, stock)
+    agreement = prefix_share(fused, stock)
     print(f"compiled: fused 16-bit vs stock {agreement:.3f}, same first 8 tokens {same_start}/8")
     assert agreement >= 0.9
