@@ -1,12 +1,16 @@
 """`adakv train-controller`: label WikiText-2 tokens, fit the MLP, write weights + model card.
 
-    adakv train-controller --ablation --out adakv_vllm/controller/weights   # the shipped weights (~45 min)
-    adakv train-controller --windows 8 --window 64 --epochs 50     # a small run
+    adakv train-controller --ablation --out DIR          # the full run: default sizes + ablations
+    adakv train-controller --windows 8 --window 64 --epochs 50 --out DIR    # a small run
+
+then serve with `controller_weights=DIR/smollm2-135m.safetensors` (and `policy="learned"`).
 
 Stages, each resumable: (1) sensitivity labels in shards of windows under --work (a finished shard
 is never recomputed; delete it to redo), (2) fit with a fixed seed, (3) evaluate on held-out windows
-(classification metrics and the planner's regret against random / rule / oracle allocations),
-optional feature ablations, (4) `<name>.safetensors` + `<name>.card.json` in --out.
+(classification metrics and the planner's regret against random / rule / attention / oracle
+allocations), optional feature ablations, (4) `<name>.safetensors` + `<name>.card.json` in --out.
+No controller is shipped with the package: the weights are only valid for the quantizer
+(quant/levels.QUANTIZER_ID) and group size they were labelled with, both recorded in their metadata.
 
 Text: the WikiText-2 test file (the only WikiText split shipped with the data), minus every window the
 evaluation suite scores at its usual settings (eval_exclusions); `adakv eval` refuses to score
@@ -26,7 +30,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from adakv_vllm.quant.levels import QUANTIZER_ID
 from adakv_vllm.training import fit as fitting
+from adakv_vllm.training.forward import BLOCK_SIZE
 from adakv_vllm.training.labels import LABEL_BITS, LabelSettings
 
 NAME = "smollm2-135m"
@@ -34,12 +40,13 @@ HEAD_SIZE = 64
 # (window, limit) pairs of `adakv eval --wikitext-window/--wikitext-limit` whose spans are excluded
 EVAL_SETTINGS = tuple((w, n) for w in (128, 256, 512, 1024) for n in (1, 2, 4, 8, 16, 32, 64))
 FEATURE_GROUPS = {
-    "qerr": ("log_qerr2", "log_qerr4", "log_qerr8"),
+    "qerr": ("log_qerr2", "log_qerr3", "log_qerr4", "log_qerr8"),
     "position": ("log_position",),
     "rarity": ("rarity", "seq_freq", "token_rank"),
     "distribution": ("entropy", "confidence", "has_dist"),
+    "attention": ("attention", "has_attention"),
 }
-RAW_KEYS = ("token_ids", "prior_count", "qerr", "entropy", "prob", "attn_local", "attn_var")
+RAW_KEYS = ("token_ids", "prior_count", "qerr", "entropy", "prob", "attention")
 
 
 def eval_exclusions(num_tokens: int) -> list[tuple[int, int]]:
@@ -69,6 +76,12 @@ def parse_args(argv):
         default=LabelSettings.position_stride,
         help="label every n-th position (and all of the first 16)",
     )
+    ap.add_argument(
+        "--group-size",
+        type=int,
+        default=LabelSettings.group_size,
+        help="quantization group of the labels and features: the serving engine's must match",
+    )
     ap.add_argument("--epochs", type=int, default=FitSettings().epochs)
     ap.add_argument("--label-bits", type=float, default=FitSettings().label_bits)
     ap.add_argument("--seed", type=int, default=0)
@@ -93,7 +106,12 @@ def main(argv=None) -> int:
     from adakv_vllm.training.labels import label_batch, training_starts
 
     model_path = model_store.resolve_model(args.model)
-    settings = LabelSettings(window=args.window, horizon=args.horizon, position_stride=args.position_stride)
+    settings = LabelSettings(
+        window=args.window,
+        horizon=args.horizon,
+        position_stride=args.position_stride,
+        group_size=args.group_size,
+    )
     work = args.work or args.out / "labels"
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -123,11 +141,13 @@ def main(argv=None) -> int:
     cost = fitting.record_bytes(HEAD_SIZE, settings.group_size)
     fit_settings = FitSettings(epochs=args.epochs, label_bits=args.label_bits, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    drop = torch.rand(train_rows["token_ids"].shape[0], generator=gen) < fit_settings.missing_dist_fraction
-    x_train = fitting.build_features(train_rows, vocab_size, drop)
+    num_train = train_rows["token_ids"].shape[0]
+    drop_dist = torch.rand(num_train, generator=gen) < fit_settings.missing_dist_fraction
+    drop_attention = torch.rand(num_train, generator=gen) < fit_settings.missing_attention_fraction
+    x_train = fitting.build_features(train_rows, vocab_size, drop_dist, drop_attention)
     s_train = fitting.full_sensitivity(train_rows["sensitivity"])
     s_val = fitting.full_sensitivity(val_rows["sensitivity"])
-    x_val_prompt = fitting.build_features(val_rows, vocab_size, torch.ones_like(drop[:1]).expand(len(s_val)))
+    x_val_prompt = fitting.build_features(val_rows, vocab_size, torch.ones(len(s_val), dtype=torch.bool))
     x_val_full = fitting.build_features(val_rows, vocab_size)
     for b in val_blocks:  # as prompt tokens are served: no sampling distribution known
         b["x"] = fitting.build_features(b, vocab_size, torch.ones(b["s"].shape[0], dtype=torch.bool))
@@ -166,9 +186,6 @@ def main(argv=None) -> int:
     ablation = None
     if args.ablation:
         ablation = _ablation(x_train, s_train, cost, fit_settings, val_blocks, settings)
-        ablation["plus_attention"] = _with_attention(
-            train_rows, x_train, s_train, cost, fit_settings, val_blocks, settings
-        )
 
     from adakv_vllm.controller import model as controller_model
     from adakv_vllm.controller.features import FEATURE_NAMES
@@ -176,7 +193,7 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
-        **controller_expectations(settings.group_size, settings.rotate_keys),
+        **controller_expectations(settings.group_size),
         "model": Path(model_path).name,
         "vocab_size": str(vocab_size),
     }
@@ -193,7 +210,13 @@ def main(argv=None) -> int:
             "held_out_windows": len(starts) // 5 or 1,
             "labelled_tokens": {"train": len(s_train), "validation": len(s_val)},
         },
-        "labels": {**dataclasses.asdict(settings), "bits": LABEL_BITS, "procedure": "training/labels.py"},
+        "labels": {
+            **dataclasses.asdict(settings),
+            "bits": LABEL_BITS,
+            "quantizer": QUANTIZER_ID,
+            "block_size": BLOCK_SIZE,
+            "procedure": "training/labels.py",
+        },
         "features": list(FEATURE_NAMES),
         "fit": {**dataclasses.asdict(fit_settings), **info},
         "metrics": metrics,
@@ -222,25 +245,6 @@ def _ablation(x_train, s_train, cost, fit_settings, val_blocks, settings) -> dic
     return results
 
 
-def _attention_columns(rows: dict) -> torch.Tensor:
-    """The offline-only final-layer features: block-local attention received, mean and ln variance
-    over heads (training/labels.py). -> [N, 2]"""
-    return torch.stack([rows["attn_local"], (rows["attn_var"] + 1e-8).log()], -1)
-
-
-def _with_attention(train_rows, x_train, s_train, cost, fit_settings, val_blocks, settings) -> dict:
-    """Does final-layer attention help? Fit with the two attention columns appended."""
-    x = torch.cat([x_train, _attention_columns(train_rows)], 1)
-    model, _ = fitting.fit(x, s_train, cost, fit_settings)
-    blocks = [{**b, "x": torch.cat([b["x"], _attention_columns(b)], 1)} for b in val_blocks]
-    result = {
-        str(bits): fitting.allocation_regret(blocks, model, cost, bits, HEAD_SIZE, settings.group_size)
-        for bits in (3.0, 4.0)
-    }
-    log(f"ablation plus final-layer attention: {result}")
-    return result
-
-
 def _flatten(shards: list[dict], holdout: int):
     """Per-token rows of labelled positions, split by window; held-out windows also as blocks."""
     windows = []
@@ -258,7 +262,7 @@ def _flatten(shards: list[dict], holdout: int):
 
     blocks = []
     for row in val:
-        block_of = row["positions"] // 32
+        block_of = row["positions"] // BLOCK_SIZE  # the blocks the engine would seal
         for b in block_of.unique():
             sel = block_of == b
             block = {k: v[sel] for k, v in row.items()}
@@ -276,11 +280,13 @@ def _save_atomic(tensors: dict, path: Path) -> None:
 
 
 def shard_key(model_path: str, settings: LabelSettings, starts: list[int]) -> str:
-    """What a label shard depends on: the model (its folder and config), every label setting (the
-    quantizer included) and the windows it labels. A rerun with any of them changed labels anew
-    instead of reusing stale shards."""
+    """What a label shard depends on: the model (its folder and config), the quantizer (its id
+    names the codebooks, rotation and clip search), every label setting (the group size included)
+    and the windows it labels. A rerun with any of them changed labels anew instead of reusing stale
+    shards."""
     config = Path(model_path) / "config.json"
     parts = [
+        QUANTIZER_ID,
         str(Path(model_path).resolve()) if config.is_file() else model_path,
         config.read_text() if config.is_file() else "",
         json.dumps(dataclasses.asdict(settings), sort_keys=True),

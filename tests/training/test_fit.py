@@ -10,10 +10,14 @@ import pytest
 import torch
 
 from adakv_vllm.controller import model as controller_model
-from adakv_vllm.controller.features import FEATURE_NAMES
+from adakv_vllm.controller.features import FEATURE_NAMES, NUM_QERR
+from adakv_vllm.controller.policy import BlockTokens, controller_expectations, make_policy
+from adakv_vllm.quant.levels import QUANTIZER_ID
+from adakv_vllm.quant.precision import ALL_BITS, PRECISIONS
 from adakv_vllm.training import fit
+from adakv_vllm.training.labels import LABEL_BITS
 
-COST = fit.record_bytes(64, 32)  # [4] K+V bytes per head: 24*2, 40*2, 72*2, 128*2
+COST = fit.record_bytes(64, 64)  # [5] K+V bytes per head: 18*2, 26*2, 34*2, 66*2, 128*2
 
 
 def _synthetic(n=512, seed=0):
@@ -21,12 +25,17 @@ def _synthetic(n=512, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, len(FEATURE_NAMES), generator=gen)
     s2 = (x[:, 0] * 1.5).exp() * 0.5
-    s = torch.stack([s2, s2 / 20, s2 / 400], 1)
+    s = torch.stack([s2, s2 / 4, s2 / 16, s2 / 4000], 1)  # at LABEL_BITS 2, 3, 4, 8
     return x, fit.full_sensitivity(s)
 
 
+def test_record_bytes_price_every_precision():
+    assert COST.tolist() == [36.0, 52.0, 68.0, 132.0, 256.0]
+
+
 def test_full_sensitivity_is_non_increasing_and_zero_at_16_bits():
-    s = fit.full_sensitivity(torch.tensor([[1.0, 2.0, 0.1], [0.5, 0.2, 0.3]]))
+    s = fit.full_sensitivity(torch.tensor([[1.0, 2.0, 0.1, 0.2], [0.5, 0.2, 0.3, 0.0]]))
+    assert s.shape == (2, len(PRECISIONS)) and len(LABEL_BITS) == len(PRECISIONS) - 1
     assert torch.equal(s[:, -1], torch.zeros(2))
     assert (s[:, :-1] >= s[:, 1:]).all()
 
@@ -35,7 +44,7 @@ def test_full_sensitivity_is_non_increasing_and_zero_at_16_bits():
 def test_label_classes_average_the_requested_bits(label_bits):
     _, s = _synthetic()
     classes, lam = fit.label_classes(s, COST, label_bits)
-    bits = torch.tensor([2.0, 4.0, 8.0, 16.0])[classes]
+    bits = torch.tensor([float(b) for b in ALL_BITS])[classes]
     assert lam > 0 and abs(float(bits.mean()) - label_bits) < 1.0
 
 
@@ -55,13 +64,15 @@ def test_fit_learns_the_signal_and_beats_random_allocation():
                 "token_ids": torch.arange(32),
                 "positions": torch.arange(k, k + 32) + 64,
                 "prior_count": torch.zeros(32, dtype=torch.int64),
-                "qerr": torch.full((32, 3), 0.1),
+                "qerr": torch.full((32, NUM_QERR), 0.1),
+                "attention": torch.rand(32, generator=torch.Generator().manual_seed(k)),
                 "s": sv[k : k + 32],
                 "x": xv[k : k + 32],
             }
         )
-    regret = fit.allocation_regret(blocks, model, COST, 3.0, 64, 32)
-    assert regret["oracle"] <= regret["learned"] < regret["random"]
+    regret = fit.allocation_regret(blocks, model, COST, 3.0, 64, 64)
+    assert set(regret) == {"oracle", "random", "rule", "attention", "learned"}
+    assert regret["oracle"] <= regret["learned"] < min(regret["random"], regret["attention"])
 
 
 def test_train_controller_command_small_run(tmp_path):
@@ -84,6 +95,8 @@ def test_train_controller_command_small_run(tmp_path):
         "4",
         "--epochs",
         "5",
+        "--threads",  # toy sizes gain nothing from threads, and lose much on a busy machine
+        "1",
         "--out",
         str(out),
     ]
@@ -92,8 +105,28 @@ def test_train_controller_command_small_run(tmp_path):
     assert "labelling windows 3..4" in done.stderr
     card = json.loads((out / "smollm2-135m.card.json").read_text())
     assert card["data"]["num_windows"] == 5 and len(card["data"]["training_spans"]) == 5
-    assert set(card["metrics"]["regret_nats"]["3.0"]) == {"oracle", "random", "rule", "learned"}
-    controller_model.load(out / "smollm2-135m.safetensors", {"group_size": "32", "rotate_keys": "true"})
+    assert card["features"] == list(FEATURE_NAMES) and card["labels"]["quantizer"] == QUANTIZER_ID
+    assert set(card["metrics"]["regret_nats"]["3.0"]) == {"oracle", "random", "rule", "attention", "learned"}
+    weights = out / "smollm2-135m.safetensors"
+    meta = controller_model.read_metadata(weights)
+    assert meta["quantizer"] == QUANTIZER_ID and meta["group_size"] == "64"
+    # the engine's own path: the learned policy loads the weights for the run's quantizer and scores
+    vocab = int(meta["vocab_size"])
+    policy = make_policy(
+        "learned", 4.0, 3.0, weights=str(weights), vocab_size=vocab, expect=controller_expectations(64)
+    )
+    block = BlockTokens(
+        token_ids=torch.arange(100, 132),
+        positions=torch.arange(32, 64),
+        qerr=torch.tensor([0.33, 0.17, 0.083, 0.0057]).expand(32, -1),
+        first_occurrence=torch.ones(32, dtype=torch.bool),
+        prior_count=torch.zeros(32, dtype=torch.int64),
+        attention=torch.linspace(0.01, 1.0, 32),
+    )
+    for part in ("key", "value"):
+        weight, distortion = policy.scores(block, part)
+        assert weight.shape == (32,) and distortion.shape == (32, len(PRECISIONS))
+        assert torch.isfinite(distortion).all() and (distortion[:, :-1] > distortion[:, 1:]).all()
     # resumable: a second run reuses both label shards
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "labelling windows" not in again.stderr
