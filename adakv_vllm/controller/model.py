@@ -1,16 +1,18 @@
 """The tiny MLP controller and its weights file (safetensors; never pickle).
 
     features [T, F] -> standardise -> Linear(F, 128) -> ReLU -> Linear(128, 128) -> ReLU
-                    -> Linear(128, 4) -> softmax over {2, 4, 8, 16} bits
+                    -> Linear(128, 5) -> softmax over {2, 3, 4, 8, 16} bits (PRECISIONS)
 
-(the paper's 4->128->128->4, with our F features). The softmax is read as the posterior over each
-token's label class; `expected_sensitivity` turns it into the planner's distortion per precision:
-d(b) = sum_c p(c) * table[c, b], where table[c, b] is the mean measured sensitivity at b bits of the
-training tokens of class c (stored with the weights). The greedy planner then minimises expected KL.
+(the paper's 4->128->128->4, with our F features and five precisions). The softmax is read as the
+posterior over each token's label class; `expected_sensitivity` turns it into the planner's
+distortion per precision: d(b) = sum_c p(c) * table[c, b], where table[c, b] is the mean measured
+sensitivity at b bits of the training tokens of class c (stored with the weights). The greedy
+planner then minimises expected KL.
 
 File: one .safetensors with the tensors below and string metadata (format, feature names, the settings
 the features depend on). Anything missing, mis-shaped, non-finite or mismatched is a ValueError naming
-the file and the problem.
+the file and the problem. No controller is shipped for the current quantizer: the package's weights
+folder is empty until one is trained (`adakv train-controller`), and asking for it says so.
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ import torch
 from torch import nn
 
 from adakv_vllm.controller.features import FEATURE_NAMES
+from adakv_vllm.quant.levels import QUANTIZER_ID
 from adakv_vllm.quant.precision import PRECISIONS
 
 FORMAT = "adakv-controller-v1"
 HIDDEN = 128
 NUM_CLASSES = len(PRECISIONS)
+# Where controllers shipped with the package live (policy.SHIPPED_WEIGHTS is the file the learned
+# policy reads when no controller_weights are given).
+SHIPPED_DIR = Path(__file__).parent / "weights"
 
 
 class ControllerMLP(nn.Module):
@@ -45,12 +51,12 @@ class ControllerMLP(nn.Module):
         self.register_buffer("class_sensitivity", torch.zeros(NUM_CLASSES, NUM_CLASSES))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """features: [T, F] -> logits [T, 4]."""
+        """features: [T, F] -> logits [T, NUM_CLASSES]."""
         return self.net((features - self.feature_mean) / self.feature_std)
 
     @torch.no_grad()
     def expected_sensitivity(self, features: torch.Tensor) -> torch.Tensor:
-        """-> [T, 4] expected sensitivity per precision code, non-increasing in precision."""
+        """-> [T, NUM_CLASSES] expected sensitivity per precision code, non-increasing in precision."""
         return self(features).softmax(-1) @ self.class_sensitivity
 
 
@@ -83,6 +89,11 @@ def load(path: str | Path, expect: dict[str, str] | None = None) -> tuple[Contro
     from safetensors import safe_open
 
     path = Path(path)
+    if not path.is_file() and path.parent.resolve() == SHIPPED_DIR.resolve():
+        raise ValueError(
+            f"no learned controller is shipped for this quantizer ({QUANTIZER_ID}): train one with "
+            f"`adakv train-controller --out DIR` and pass controller_weights=DIR/{path.name}"
+        )
     if not path.is_file():
         raise ValueError(f"controller weights {path}: file not found")
     try:

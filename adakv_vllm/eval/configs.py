@@ -80,16 +80,19 @@ def check_training_overlap(configs: list[EvalConfig], spans: list[tuple[int, int
     """Refuse to score WikiText-2 token spans that a learned config's controller was trained on.
 
     spans: the [start, end) token spans this evaluation scores. The training spans come from the
-    model card beside the weights (`adakv train-controller` writes them)."""
+    model card beside the weights (`adakv train-controller` writes them); no controller is shipped,
+    so a learned config names its weights (parse_configs)."""
     import json
 
     from adakv_vllm.controller.model import card_path
-    from adakv_vllm.controller.policy import SHIPPED_WEIGHTS
 
     for config in configs:
         if not config.adakv or config.adakv.get("policy") != "learned":
             continue
-        card = card_path(config.adakv.get("controller_weights") or SHIPPED_WEIGHTS)
+        weights = config.adakv.get("controller_weights")
+        if weights is None:
+            raise ValueError(f"{config.name}: no controller_weights, so training text cannot be ruled out")
+        card = card_path(weights)
         if not card.is_file():
             raise ValueError(f"{config.name}: no model card {card}, so training text cannot be ruled out")
         trained = json.loads(card.read_text())["data"]["training_spans"]

@@ -142,18 +142,22 @@ def test_report_markdown_and_plots(tmp_path):
         assert (tmp_path / f"{png}.png").stat().st_size > 0
 
 
-def test_eval_refuses_windows_the_learned_controller_was_trained_on():
+def test_eval_refuses_windows_the_learned_controller_was_trained_on(tmp_path):
     import json
 
-    from adakv_vllm.controller.model import card_path
-    from adakv_vllm.controller.policy import SHIPPED_WEIGHTS
-    from adakv_vllm.eval.configs import CONFIGS, check_training_overlap
+    from adakv_vllm.eval.configs import CONFIGS, check_training_overlap, parse_configs
     from adakv_vllm.eval.tasks import wikitext_spans
 
-    learned = [CONFIGS["learned3"]]
-    card = json.loads(card_path(SHIPPED_WEIGHTS).read_text())
+    weights = tmp_path / "smollm2-135m.safetensors"  # only its card is read here
+    trained = [[1000, 1288], [200_000, 200_288], [250_000, 250_288]]
+    (tmp_path / "smollm2-135m.card.json").write_text(json.dumps({"data": {"training_spans": trained}}))
+    learned = parse_configs("learned3", str(weights))
     num_tokens = 301_948  # SmolLM2's tokens of WikiText-2 test
     check_training_overlap(learned, wikitext_spans(num_tokens, 512, 16))  # the published settings
-    check_training_overlap([CONFIGS["rule3"]], [tuple(card["data"]["training_spans"][0])])  # no controller
+    check_training_overlap([CONFIGS["rule3"]], [tuple(trained[1])])  # no controller
     with pytest.raises(ValueError, match="trained on WikiText-2 tokens"):
-        check_training_overlap(learned, [tuple(card["data"]["training_spans"][3])])
+        check_training_overlap(learned, [(200_100, 200_612)])
+    with pytest.raises(ValueError, match="no model card"):
+        check_training_overlap(parse_configs("learned3", str(tmp_path / "other.safetensors")), [(0, 1)])
+    with pytest.raises(ValueError, match="no controller_weights"):
+        check_training_overlap([CONFIGS["learned3"]], [(0, 1)])
