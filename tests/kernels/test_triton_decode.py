@@ -7,7 +7,8 @@ test) has imported triton without it, interpreted kernels fail. So `test_under_i
 this file again in a fresh process with TRITON_INTERPRET=1, where the parametrized cases run on
 CPU; in this process they run natively when a GPU is present and are skipped otherwise.
 `test_kernels_compile_for_hopper` compiles the real decode and seal launches for sm_90 (no GPU
-needed), catching what only the compiler rejects.
+needed), catching what only the compiler rejects. `test_fwht_rows_is_the_oracles_butterflies` pins the
+in-kernel rotation to quant/rotation.py bit for bit.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ from adakv_vllm.kernels.attention_ref import paged_attention_ref
 from adakv_vllm.kernels.page_codec import PageCodec
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.precision import ALL_BITS
+from adakv_vllm.quant.rotation import fwht
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+fwht_rows = importlib.import_module("adakv_vllm.kernels.triton_decode").fwht_rows  # _fwht_kernel's callee
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else ("cuda" if torch.cuda.is_available() else None)
@@ -37,8 +41,9 @@ needs_kernel = pytest.mark.skipif(
 
 # (output dtype) -> (rtol, atol) against the fp32 oracle; outputs are ~N(0, 1/sqrt(context)).
 TOLERANCES = {
-    # fp32 out: summation order (split-K merge, per-block online softmax), exp, and the fused
-    # multiply-add of code*scale+min differ from the oracle; each is a few fp32 ulps.
+    # fp32 out: summation order (split-K merge, per-block online softmax), exp, and the rotation
+    # moved onto the query and the value sum (the oracle unrotates each record) differ from the
+    # oracle; each is a few fp32 ulps.
     torch.float32: (1e-5, 2e-6),
     # bf16 out: one final rounding to bf16 (relative 2**-9) dominates everything else; Triton 3.9's
     # interpreter truncates fp32 -> bf16 instead of rounding to nearest (relative < 2**-7).
@@ -53,19 +58,20 @@ class Case:
     name: str
     seq_lens: tuple[int, ...]
     query_lens: tuple[int, ...] | None = None  # default: 1 per sequence (decode)
-    bits: str = "mixed"  # "mixed" (2/4/8/16, key and value independent) or one of ALL_BITS as str
+    bits: str = "mixed"  # a BIT_CHOICES key (key and value drawn independently) or one of ALL_BITS
     open_blocks: str = "last"  # "last" (each sequence's last block), "none", "all", "random"
     num_heads: int = 9  # SmolLM2: GQA 9:3
     num_kv_heads: int = 3
     head_size: int = 64
     group_size: int = 32
     block_size: int = 32
-    rotate_keys: bool = True
     storage: torch.dtype = torch.bfloat16
     query_dtype: torch.dtype = torch.float32
     num_splits: int | None = None
 
 
+# bits drawn per token ("mixed": every precision; "low": the Gaussian codebooks only)
+BIT_CHOICES = {"mixed": ALL_BITS, "low": (2, 3, 4)}
 CASES = [
     Case("seq_len_1_staged", (1,)),
     Case("seq_len_1_sealed", (1,), open_blocks="none"),
@@ -74,13 +80,16 @@ CASES = [
     Case("staged_and_sealed_random", (150, 97), open_blocks="random"),
     Case("all_staged", (70, 40), open_blocks="all"),
     Case("all_2_bit", (100, 64), bits="2", open_blocks="none"),
+    Case("all_3_bit", (70, 33), bits="3", open_blocks="none"),
+    Case("low_bits", (90, 20), bits="low"),
+    Case("all_8_bit", (70,), bits="8"),
     Case("all_16_bit", (100, 33), bits="16", open_blocks="none"),
-    Case("all_8_bit_no_rotation", (70,), bits="8", rotate_keys=False),
     Case("mha", (70, 51), num_heads=4, num_kv_heads=4),
-    Case("mha_no_rotation", (40,), num_heads=2, num_kv_heads=2, rotate_keys=False),
-    Case("head_80_block_diagonal_rotation", (60, 21), head_size=80, group_size=16),
-    Case("head_80_no_rotation", (60,), head_size=80, group_size=16, rotate_keys=False, num_heads=6),
-    Case("no_rotation", (90, 20), rotate_keys=False),
+    Case("gqa_4_to_1", (40, 9), num_heads=8, num_kv_heads=2),
+    Case("head_80_hadamard_16", (60, 21), head_size=80, group_size=16),
+    # Hadamard blocks of 128 and 32: rotate != unrotate, so the query must be unrotated, not rotated
+    Case("head_128_group_64", (50, 17), num_heads=4, num_kv_heads=2, head_size=128, group_size=64),
+    Case("head_96_padded", (40,), num_heads=6, num_kv_heads=2, head_size=96, block_size=16),
     Case("fp16_storage", (64, 61), storage=torch.float16),
     Case("bf16_query_and_out", (100, 17), query_dtype=torch.bfloat16),
     Case("fp16_query_and_out", (100, 17), storage=torch.float16, query_dtype=torch.float16),
@@ -90,18 +99,25 @@ CASES = [
     Case("prefill_and_decode_mixed", (40, 70, 33), query_lens=(4, 1, 3)),
     Case("idle_sequence", (50, 30), query_lens=(0, 1)),
 ]
+# every supported head size (its Hadamard block, padded groups) at an odd block size, mixed bits
+SWEEP = [
+    Case(f"sweep_h{d}_g{g}", (37, 20), num_heads=4, num_kv_heads=2, head_size=d, group_size=g, block_size=9)
+    for d in range(32, 257, 16)
+    for g in (16, 32, 64)
+    if d % g == 0 and g * 2 <= d
+]
 
 
 def _bits(case: Case, layout: fmt.PageLayout, n: int, gen: torch.Generator):
     """[n, block_size] key and value bits (pages are sized for all-16-bit, so any bits fit)."""
     t = layout.block_size
-    if case.bits != "mixed":
+    if case.bits not in BIT_CHOICES:
         b = torch.full((n, t), int(case.bits))
         return b, b.clone()
-    choices = torch.tensor(ALL_BITS)
+    choices = torch.tensor(BIT_CHOICES[case.bits])
     return (
-        choices[torch.randint(0, 4, (n, t), generator=gen)],
-        choices[torch.randint(0, 4, (n, t), generator=gen)],
+        choices[torch.randint(0, choices.numel(), (n, t), generator=gen)],
+        choices[torch.randint(0, choices.numel(), (n, t), generator=gen)],
     )
 
 
@@ -112,7 +128,7 @@ def _problem(case: Case, seed: int = 0):
     bs, h, d = case.block_size, case.num_kv_heads, case.head_size
     record = fmt.RecordLayout(d, case.group_size)
     layout = fmt.PageLayout(bs, h, record, fmt.page_bytes_for_target(bs, h, record, 16, 16))
-    codec = PageCodec(layout, case.storage, case.rotate_keys)
+    codec = PageCodec(layout, case.storage)
     query_lens = torch.tensor(case.query_lens or [1] * len(case.seq_lens), dtype=torch.int32)
     blocks_per_seq = [(s + bs - 1) // bs for s in case.seq_lens]
     num_blocks = sum(blocks_per_seq) + 3  # spare blocks nobody reads
@@ -164,9 +180,46 @@ def _kernel():
     return importlib.import_module("adakv_vllm.kernels.triton_decode")
 
 
+@triton.jit
+def _fwht_kernel(
+    x_ptr, out_ptr, ROWS: tl.constexpr, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, LOG_BLOCK: tl.constexpr
+):
+    r = tl.arange(0, ROWS)[:, None]
+    d = tl.arange(0, D_PAD)[None, :]
+    x = tl.load(x_ptr + r * HEAD_SIZE + d, mask=d < HEAD_SIZE, other=0.0)
+    tl.store(out_ptr + r * HEAD_SIZE + d, fwht_rows(x, ROWS, D_PAD, LOG_BLOCK), mask=d < HEAD_SIZE)
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_size", [32, 48, 64, 80, 96, 128, 256])
+def test_fwht_rows_is_the_oracles_butterflies(head_size):
+    """The in-kernel transform (query and value-sum rotation) equals rotation.fwht bit for bit, on
+    rows whose entries span 2**-30..2**30 so that every sum rounds and order would show."""
+    gen = torch.Generator().manual_seed(head_size)
+    x = torch.randn(4, head_size, generator=gen) * 2.0 ** torch.randint(
+        -30, 30, (4, head_size), generator=gen
+    )
+    out = torch.full_like(x, float("nan")).to(DEVICE)
+    log_block = _kernel().rotation_constexprs(head_size)["LOG_BLOCK"]
+    d_pad = triton.next_power_of_2(head_size)
+    _fwht_kernel[(1,)](x.to(DEVICE), out, ROWS=4, HEAD_SIZE=head_size, D_PAD=d_pad, LOG_BLOCK=log_block)
+    assert torch.equal(out.cpu(), fwht(x))
+
+
 @needs_kernel
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_kernel_matches_oracle(case):
+    _check(case)
+
+
+@needs_kernel
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SWEEP, ids=lambda c: c.name)
+def test_kernel_matches_oracle_sweep(case):
+    _check(case)
+
+
+def _check(case: Case) -> None:
     args, codec = _problem(case)
     scale = case.head_size**-0.5
     expected = paged_attention_ref(**args, codec=codec, scale=scale)
@@ -248,7 +301,6 @@ class _Capture:
 
 def _compile_for_hopper(kernel, args, kwargs) -> None:
     """Compile one captured launch for sm_90 (Triton's bundled ptxas; no GPU needed)."""
-    import triton
     from triton.backends.compiler import GPUTarget
 
     constexprs = {k: v for k, v in kwargs.items() if k in kernel.arg_names}
@@ -265,14 +317,9 @@ def _compile_for_hopper(kernel, args, kwargs) -> None:
 
 
 @pytest.mark.skipif(INTERPRETED, reason="compiles the real kernels; the interpreter has none")
-@pytest.mark.parametrize(
-    "rotate_keys", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["rotate", "no_rotation"]
-)
-def test_kernels_compile_for_hopper(monkeypatch, rotate_keys):
+def test_kernels_compile_for_hopper(monkeypatch):
     """GPU-only failures (globals that are not constexpr, shape or type rules the interpreter does
     not enforce) surface here without a GPU: compile SmolLM2's decode and seal launches for sm_90."""
-    import triton
-
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton build has no NVIDIA backend")
     decode = _kernel()
@@ -284,10 +331,10 @@ def test_kernels_compile_for_hopper(monkeypatch, rotate_keys):
     ]
     for module, name in captures:
         monkeypatch.setattr(module, name, _Capture(getattr(module, name)))
-    args, codec = _problem(Case("smollm2", (70, 5), rotate_keys=rotate_keys, query_dtype=torch.bfloat16))
+    args, codec = _problem(Case("smollm2", (70, 5), query_dtype=torch.bfloat16))
     decode.paged_attention_triton(**args, codec=codec, scale=0.125, out=torch.empty_like(args["query"]))
     kv = args["staging_key"][:1], args["staging_value"][:1]
-    bits = torch.tensor([2, 4, 8, 16]).repeat(8)[None]  # [1, 32]: every precision
+    bits = torch.tensor(ALL_BITS).repeat(7)[None, :32]  # [1, 32]: every precision
     seal.seal_pages(codec, *kv, bits, bits.flip(1))
     for module, name in captures:
         capture = getattr(module, name)
