@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a machine with a CUDA GPU, under 5 minutes (each step has a time limit):
 #   1. benchmarks/gpu_check.py: the Triton seal and decode kernels against the oracle on SmolLM2
-#      shapes (contexts 1k/4k/8k, batch 1/16, bits 2/4/8/16/mixed) and decode timings against a
+#      shapes (contexts 1k/4k/8k, batch 1/16, bits 2/3/4/8/16/mixed/low) and decode timings against a
 #      stock bf16 baseline (it prints which), as ratios;
 #   2. the kernel unit tests natively on the GPU (the interpreter child and the sm_90 compile-only
 #      tests are deselected).
@@ -32,7 +32,7 @@ timeout 200 "$PY" benchmarks/gpu_check.py --out "$LOG_DIR" "$@" 2>&1 | tee "$LOG
 
 if "$PY" -c 'import pytest' 2>/dev/null; then
     timeout 80 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" -k "not under_interpreter and not hopper" \
-        tests/attention/test_triton_decode.py tests/blocks/test_triton_seal.py 2>&1 \
+        tests/kernels/test_triton_decode.py tests/kernels/test_triton_seal.py 2>&1 \
         | tee "$LOG_DIR/gpu_tests.log" | tail -n 25 || status=1
 else
     echo "pytest is not installed: native kernel tests skipped"
