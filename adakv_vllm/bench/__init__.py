@@ -1,6 +1,8 @@
-"""`adakv bench compare`: stock vLLM (bf16, fp8) and AdaKV side by side, one engine process each.
+"""Benchmarks against stock vLLM, each config at its own defaults, side by side.
 
-compare.py plans the configs, runs each in a fresh `python -m adakv_vllm.bench.compare_engine`
-process, and reports ratios against bf16; compare_engine.py measures one config. Like eval/, this
-package drives whole vLLM engines and imports vLLM only inside the engine process's functions.
+compare.py (`adakv bench compare`) runs each config in a fresh `python -m adakv_vllm.bench.compare_engine`
+process per round and reports min / median and ratios against bf16 (compare_report.py, figures.py);
+serve_sweep.py starts `adakv serve` stock and with the plugin in turn and drives vLLM's own client
+through a request-rate sweep. provenance.py records what ran. Like eval/, this package drives whole
+vLLM engines and imports vLLM only inside the engine process's functions.
 """

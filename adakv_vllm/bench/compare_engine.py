@@ -18,8 +18,7 @@ Phases; everything AdaKV adds (sealing, features, the scheduler's policy) runs i
               and per request decode ms/token = (last_token_ts - first_token_ts) / (tokens - 1) and
               TTFT (arrival -> first token), each averaged over the B requests. In a cold call the
               requests decoding share steps with the prefill chunks of the others, as in service.
-  capacity    vLLM's num blocks x block size; peak RSS = the sum of every process's high-water mark
-              (VmHWM) in the engine's process tree (shared libraries count once per process).
+  capacity    vLLM's num blocks x block size; peak RSS of the engine's process tree (process_tree.py).
 """
 
 from __future__ import annotations
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from adakv_vllm.bench.process_tree import ProcessTree
 
 PROGRESS = "PROGRESS "
 THROUGHPUT_STREAM, DECODE_STREAM, WARMUP_STREAM = 1, 2, 3  # seed streams: prompts never share prefixes
@@ -45,43 +46,6 @@ def random_prompts(vocab: np.ndarray, seed: int, stream: int, length: int, count
 
 def progress(name: str, message: str) -> None:
     print(f"{PROGRESS}[{name}] {message}", file=sys.stderr, flush=True)
-
-
-class ProcessTree:
-    """This process and its descendants (vLLM's engine core and worker): CPU seconds and peak RSS."""
-
-    def __init__(self):
-        import psutil  # a dependency of vLLM
-
-        self.root = psutil.Process()
-        self.gone = (OSError, psutil.Error)  # a process that exited in between
-
-    def processes(self) -> list:
-        return [self.root, *self.root.children(recursive=True)]
-
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for p in self.processes():
-            try:
-                t = p.cpu_times()
-            except self.gone:
-                continue
-            total += t.user + t.system + t.children_user + t.children_system
-        return total
-
-    def peak_rss_mib(self) -> dict[str, float]:
-        """{"pid name": VmHWM MiB} of every live process of the tree."""
-        out = {}
-        for p in self.processes():
-            try:
-                status = Path(f"/proc/{p.pid}/status").read_text()
-                name = p.name()
-            except self.gone:
-                continue
-            kib = next((int(ln.split()[1]) for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
-            if kib is not None:
-                out[f"{p.pid} {name}"] = kib / 1024
-        return out
 
 
 def _timed_generate(llm, tree: ProcessTree, prompts: list[dict], params) -> tuple[list, dict]:
