@@ -67,6 +67,7 @@ class Policy:
     name = "base"
     reads_qerr = False  # does `scores` read BlockTokens.qerr (the worker then measures it each step)?
     reads_attention = False  # ... BlockTokens.attention (the worker then measures it in every layer)?
+    reads_distribution = False  # ... BlockTokens.sampled (the worker then takes a softmax per sample)?
 
     def __init__(self, key_bits: float, value_bits: float, seed: int = 0, sink_tokens: int = 0):
         self.targets = {"key": key_bits, "value": value_bits}
@@ -141,6 +142,7 @@ class LearnedPolicy(Policy):
     name = "learned"
     reads_qerr = True
     reads_attention = True
+    reads_distribution = True
 
     def __init__(
         self, key_bits, value_bits, seed=0, sink_tokens=0, vocab_size=None, weights=None, expect=None

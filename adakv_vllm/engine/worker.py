@@ -44,6 +44,8 @@ class AdaKVWorker(CPUWorker):
         # measure only what the policy reads (static and random read nothing)
         policy = POLICIES[resolve(self.adakv.policy, self.adakv.controller_weights)[0]]
         self._reads_qerr, self._reads_attention = policy.reads_qerr, policy.reads_attention
+        # a softmax over the vocabulary per sampled token: only for a policy that reads it
+        self._reads_distribution = policy.reads_distribution or self.adakv.prompt_features
         self._faults = FaultInjector.from_env(vllm_config.cache_config.block_size)
         self._stats = StatsFile(envs.stats_file()) if envs.stats_file() else None
         self._unsealed: list[int] = []
@@ -135,7 +137,7 @@ class AdaKVWorker(CPUWorker):
             output = copy.copy(output)  # never mutate the shared singleton
         features = (runtime.store().step_features() if self._reads_qerr else None) or {}
         sampled = {}
-        if logits is not None and output.req_ids:
+        if logits is not None and output.req_ids and self._reads_distribution:
             logp = torch.log_softmax(logits[: len(output.req_ids)].float(), dim=-1)  # [R, V]
             entropy = entropy_of(logp)
             for rid, i in output.req_id_to_index.items():
