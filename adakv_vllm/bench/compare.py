@@ -38,6 +38,7 @@ import datetime
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -192,6 +193,14 @@ def make_settings(args: argparse.Namespace) -> dict:
     }
 
 
+def _kill_group(pgid: int) -> None:
+    """SIGKILL the process group an engine process leads (start_new_session), if any of it is left."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def run_config(config: EvalConfig, settings: dict, label: str, args: argparse.Namespace) -> dict:
     """Run one config's engine process once; -> {"result": ... | None, "error": str | None, ...}."""
     with tempfile.TemporaryDirectory(prefix="adakv-compare-") as tmp:
@@ -227,7 +236,7 @@ def run_config(config: EvalConfig, settings: dict, label: str, args: argparse.Na
 
         def kill() -> None:
             timed_out.set()
-            os.killpg(proc.pid, 9)
+            _kill_group(proc.pid)
 
         timer = threading.Timer(args.timeout, kill) if args.timeout else None
         if timer:
@@ -244,6 +253,7 @@ def run_config(config: EvalConfig, settings: dict, label: str, args: argparse.Na
         rc = proc.wait()
         if timer:
             timer.cancel()
+        _kill_group(proc.pid)  # whatever of vLLM's children outlived the engine process
         record = {
             "config": dataclasses.asdict(config),
             "llm_kwargs": config.llm_kwargs(),

@@ -132,14 +132,21 @@ class Server:
         return int(found[-1].replace(",", "")) if found else None
 
     def stop(self, grace: float = 60) -> None:
-        """SIGTERM to the server's process group (its own, from start_new_session), SIGKILL after `grace`."""
-        if self.proc.poll() is None:
+        """SIGTERM to the server's process group (its own, from start_new_session); SIGKILL to what is
+        left of it after `grace` seconds, or once the server itself has exited."""
+        try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
 
 def client_command(port: int, rate: float, seed: int, num_prompts: int, args, result: Path) -> list[str]:
