@@ -12,8 +12,8 @@ Numerical contract shared by all paths:
     otherwise decoded from the sealed page pages[block];
     query head h reads KV head h // (num_heads // num_kv_heads) (GQA);
     out = softmax(scale * q . K^T) V, accumulated in fp32.
-With rotate_keys, quantized key records hold rotated keys; the codec rotates them back, so the
-oracle sees the same keys a fused kernel sees when it rotates the query instead.
+Quantized records hold rotated keys and values; the codec rotates them back, so the oracle sees the
+same K/V a fused kernel sees when it rotates the query and its value accumulator instead.
 """
 
 from __future__ import annotations

@@ -5,16 +5,15 @@
   relative_errors   csrc/cpu_qerr.cpp, oracle quant.reference.relative_errors
 
 `paged_attention(...)` computes the oracle's contract straight from the packed pages (no dequantized
-copy of the context): causal, any query_len, GQA, mixed 2/4/8/16-bit records, open blocks read from
-FP16 staging, rotated keys dotted with the rotated query. The backend uses it for every decode row
-(mixed steps included); prefill rows keep the scratch path, whose GEMM-shaped kernel suits many
-queries per key (~2x faster there: benchmarks/attention_micro.py --query-len 512). Per (token, KV
-head) it spends ~30 ns at 2/4/8 bits: record decode, three 64-wide dot products with a 4-record
-shuffle reduction, the page softmax, three 64-wide p*v updates; a fixed ~60 us per call (launcher,
-query rotation, work setup) weighs most at batch 1 and short contexts.
+copy of the context): causal, any query_len, GQA, mixed 2/3/4/8/16-bit records, open blocks read from
+FP16 staging; quantized keys are dotted with the rotated query and quantized values accumulate in the
+rotated space, rotated back once per query row (cpu_decode.cpp). The backend uses it for every decode
+row (mixed steps included); prefill rows keep the scratch path, whose GEMM-shaped kernel suits many
+queries per key (benchmarks/attention_micro.py --query-len 512 compares them).
 
-Layout numbers come from `quant.format` (`layout_numbers`); the C++ only applies format.py's
-documented packing rules.
+Layout numbers come from `quant.format` and `quant.rotation` (`layout_numbers`), the codebooks from
+`quant.levels` (`codebooks`); the C++ only applies format.py's documented packing rules and the
+oracle's quantizer steps.
 """
 
 from __future__ import annotations
@@ -24,11 +23,24 @@ import functools
 
 import torch
 
-from adakv_vllm.kernels.library import DTYPE_CODES, DecodeArgs, Kernel, SealArgs, build
+from adakv_vllm.kernels.library import (
+    DTYPE_CODES,
+    LANE_LEVELS,
+    LAYOUT_NUMBERS,
+    MAX_CLIP_FACTORS,
+    MAX_LEVELS,
+    Codebooks,
+    DecodeArgs,
+    Kernel,
+    QerrArgs,
+    SealArgs,
+    build,
+)
 from adakv_vllm.quant import format as fmt
-from adakv_vllm.quant.precision import PRECISIONS
-from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS
-from adakv_vllm.quant.rotation import rotate
+from adakv_vllm.quant import levels
+from adakv_vllm.quant.precision import PRECISIONS, Precision
+from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, MAX_ROTATED_ABS
+from adakv_vllm.quant.rotation import scale_exponents
 
 QUERY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -36,30 +48,66 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 @functools.cache
 def layout_numbers(layout: fmt.PageLayout, storage_dtype: torch.dtype) -> tuple[int, ...]:
-    """The sizes the C++ kernel reads, all from quant.format (see cpu_decode.cpp: Layout).
-
-    block_size, group_size, header_bytes, page_bytes, storage_is_bf16, then per precision code
-    (PRECISIONS order): record_bytes, scales_offset, mins_offset, bits.
+    """The sizes the C++ kernels read (csrc/cpu_layout.h: PageNumbers), from quant.format and
+    quant.rotation: block_size, group_size, header_bytes, page_bytes, storage_is_bf16, the rotation's
+    (k, m), then per precision code (PRECISIONS order) record_bytes, scales_offset (0 at 16 bits), bits.
     """
     rec = layout.record
     if [p.code for p in PRECISIONS] != list(range(len(PRECISIONS))) or PRECISIONS[-1].is_quantized:
-        raise AssertionError("the kernel assumes codes 0..3 with the 16-bit precision last")
-    return (
+        raise AssertionError("the kernels assume codes 0..4 with the 16-bit precision last")
+    numbers = (
         layout.block_size,
         rec.group_size,
         layout.header_bytes,
         layout.page_bytes,
         int(storage_dtype == torch.bfloat16),
+        *scale_exponents(rec.head_size),
         *(rec.record_bytes(p) for p in PRECISIONS),
         *(rec.scales_offset(p) if p.is_quantized else 0 for p in PRECISIONS),
-        *(rec.mins_offset(p) if p.is_quantized else 0 for p in PRECISIONS),
         *(p.bits for p in PRECISIONS),
     )
+    assert len(numbers) == LAYOUT_NUMBERS
+    return numbers
 
 
 @functools.cache
 def _layout_array(layout: fmt.PageLayout, storage_dtype: torch.dtype):
-    return (ctypes.c_int64 * 21)(*layout_numbers(layout, storage_dtype))
+    return (ctypes.c_int64 * LAYOUT_NUMBERS)(*layout_numbers(layout, storage_dtype))
+
+
+@functools.cache
+def codebooks() -> Codebooks:
+    """quant.levels' tables as the kernels read them (csrc/cpu_quant.h: Codebooks), one per quantized
+    precision code; cached, so its address stays valid for every call."""
+    books = Codebooks()
+    for p in PRECISIONS:
+        if not p.is_quantized:
+            continue
+        lv, thresholds, factors = (
+            t[p.bits].to(torch.float32) for t in (levels.LEVELS, levels.THRESHOLDS, levels.CLIP_FACTORS)
+        )
+        # the kernels' capacities: the clip search takes one SIMD lane per factor and keeps the
+        # codebook in one register (LANE_LEVELS); a larger codebook has a single clip factor
+        if not (lv.numel() <= MAX_LEVELS and factors.numel() <= MAX_CLIP_FACTORS):
+            raise AssertionError(f"the {p.bits}-bit codebook exceeds the kernels' tables")
+        if factors.numel() > 1 and lv.numel() > LANE_LEVELS:
+            raise AssertionError(
+                f"the {p.bits}-bit codebook is searched over clip factors but has > 16 levels"
+            )
+        # and the decode kernel reads a larger codebook as the exact grid base + code * step
+        grid = lv[0].double() + torch.arange(lv.numel()).double() * (lv[1] - lv[0]).double()
+        if lv.numel() > LANE_LEVELS and not torch.equal(grid, lv.double()):
+            raise AssertionError(f"the {p.bits}-bit codebook is not an exact fp32 grid")
+        book = books.code[p.code]
+        book.num_levels = lv.numel()
+        book.num_clip_factors = factors.numel()
+        book.zero_code = levels.zero_code(p.bits)
+        book.levels[: lv.numel()] = lv.tolist()
+        padded = torch.full((MAX_LEVELS,), float("inf"))  # a 16-lane register reads past the last one
+        padded[: thresholds.numel()] = thresholds
+        book.thresholds[:] = padded.tolist()
+        book.clip_factors[: factors.numel()] = factors.tolist()
+    return books
 
 
 def paged_attention(
@@ -73,7 +121,6 @@ def paged_attention(
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32/int64
     layout: fmt.PageLayout,
     scale: float,
-    rotate_keys: bool,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_size], last dim contiguous
     module: Kernel | None = None,
     pages_per_split: int = 0,
@@ -130,10 +177,10 @@ def paged_attention(
     seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
     staging_key, staging_value = staging_key.contiguous(), staging_value.contiguous()
     staging_slot = staging_slot.contiguous()
-    query_rot = rotate(query) if rotate_keys else None  # [num_tokens, num_heads, head_size] fp32
     kernel = module if module is not None else build()
     args = DecodeArgs(
         _layout_array(layout, staging_key.dtype),
+        ctypes.addressof(codebooks()),
         head_size,
         num_heads,
         layout.num_kv_heads,
@@ -158,7 +205,6 @@ def paged_attention(
         DTYPE_CODES[query.dtype],
         query.stride(0),
         query.stride(1),
-        query_rot.data_ptr() if query_rot is not None else None,
         out.data_ptr(),
         DTYPE_CODES[out.dtype],
         out.stride(0),
@@ -172,20 +218,45 @@ def paged_attention(
     return out
 
 
-def relative_errors(
-    x: torch.Tensor, precisions, group_size: int, rotate_record: bool, module: Kernel
-) -> torch.Tensor:
+def relative_errors(x: torch.Tensor, precisions, group_size: int, module: Kernel) -> torch.Tensor:
     """quant.reference.relative_errors (the oracle), fused: x [T, H, D] -> [T, P] fp32, each token's
-    mean over heads of ||x - stored_p(x)|| / ||x||. The clamp and the rotation (a GEMM) stay in torch."""
-    y = x.float().clamp(-MAX_QUANTIZED_ABS, MAX_QUANTIZED_ABS)
-    if rotate_record:
-        y = rotate(y)
-    t, h, d = y.shape
+    mean over heads of ||y - stored_p(y)|| / ||y|| with y the clamped, rotated row. Raises ValueError
+    as the oracle does: a NaN, or a rotated value beyond +-MAX_ROTATED_ABS."""
+    if x.dim() != 3 or not torch.is_floating_point(x):
+        raise ValueError(
+            f"x must be [num_tokens, num_kv_heads, head_size] floats, got {list(x.shape)} {x.dtype}"
+        )
+    t, h, d = x.shape
+    k, m = scale_exponents(d)  # ValueError on an unsupported head_size
     if d % group_size:
         raise ValueError(f"head_size {d} is not a multiple of group_size {group_size}")
-    tops = torch.tensor([p.levels - 1 for p in precisions], dtype=torch.int64)
-    out = torch.empty(t * h, tops.numel())
-    module.relative_errors(y.contiguous().view(t * h, d), tops, group_size, out)
+    precisions = [Precision.parse(p) for p in precisions]
+    if not all(p.is_quantized for p in precisions):
+        raise ValueError(
+            f"precisions must be quantized ({[p.bits for p in PRECISIONS[:-1]]}), got {precisions}"
+        )
+    x = (x if x.dtype in DTYPE_CODES else x.float()).contiguous()
+    codes = torch.tensor([p.code for p in precisions], dtype=torch.int64)
+    bits = torch.tensor([p.bits for p in precisions], dtype=torch.int64)
+    out = torch.empty(t * h, len(precisions))
+    args = QerrArgs(
+        ctypes.addressof(codebooks()),
+        x.data_ptr(),
+        DTYPE_CODES[x.dtype],
+        t * h,
+        d,
+        group_size,
+        k,
+        m,
+        codes.data_ptr(),
+        bits.data_ptr(),
+        codes.numel(),
+        MAX_QUANTIZED_ABS,
+        MAX_ROTATED_ABS,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    module.relative_errors(args)
     return out.view(t, h, -1).mean(1)
 
 
@@ -198,38 +269,6 @@ def _clamp_bits(clamp: float, storage_dtype: torch.dtype) -> tuple[int, int]:
     return tuple(bounds.view(torch.int16).tolist())
 
 
-_QUANTIZED = tuple(p for p in PRECISIONS if p.is_quantized)
-_QUANTIZED_BITS = torch.tensor([p.bits for p in _QUANTIZED])
-
-
-def _rotated_keys(
-    key: torch.Tensor,  # [num_slots, T, H, D] storage dtype, contiguous
-    key_bits: torch.Tensor,  # [n, T] int64, contiguous
-    slots: torch.Tensor | None,  # [n] int64: page i's slot; None = slot i
-    clamp: float | None,
-    d: int,
-) -> list[torch.Tensor | None]:
-    """Per precision code, the rotated keys of the class: [class keys * H, D] fp32 (None if empty or
-    16-bit). PageCodec.encode's GEMMs, row for row: per class, its keys in (page, token) order --
-    which one stable sort by bits lists for every class, one after the other."""
-    t = key_bits.shape[1]
-    sorted_bits, order = torch.sort(key_bits.view(-1), stable=True)
-    ends = torch.searchsorted(sorted_bits, _QUANTIZED_BITS, right=True).tolist()  # class ends
-    order = order[: ends[-1]]
-    if slots is not None:  # (page, token) -> the row of the page's slot
-        order = slots[order // t] * t + order % t
-    keys = key.view(-1, *key.shape[2:]).index_select(0, order)  # [quantized keys, h, d]
-    if clamp is not None:
-        keys = keys.clamp(-clamp, clamp)
-    out: list[torch.Tensor | None] = [None] * len(PRECISIONS)
-    start = 0
-    for p, end in zip(_QUANTIZED, ends, strict=True):
-        if end > start:
-            out[p.code] = rotate(keys[start:end].reshape(-1, d))
-        start = end
-    return out
-
-
 def encode_pages(
     key: torch.Tensor,  # [num_slots, num_tokens, num_kv_heads, head_size] storage_dtype
     value: torch.Tensor,  # [num_slots, num_tokens, num_kv_heads, head_size] storage_dtype
@@ -237,7 +276,6 @@ def encode_pages(
     value_bits: torch.Tensor,  # [n, num_tokens] integer bit-widths
     layout: fmt.PageLayout,
     storage_dtype: torch.dtype,
-    rotate_keys: bool,
     module: Kernel | None = None,
     *,
     slots: torch.Tensor | None = None,  # [n] integer: the slot of key/value page i encodes
@@ -247,17 +285,16 @@ def encode_pages(
 ) -> torch.Tensor:
     """PageCodec.encode's contract, compiled (oracle: PageCodec.encode): with the defaults,
     encode_pages(key, value, key_bits, value_bits, ...) -> pages [n, page_bytes] uint8, the codec's
-    bytes (num_slots = n; num_tokens <= block_size, bit map bytes past it zero) -- except the sign
-    bit of a zero group min when the group holds zeros of both signs (cpu_seal.cpp; same decode).
+    bytes (num_slots = n; num_tokens <= block_size, bit map bytes past it zero).
 
     In place, for KVStore.seal: page i encodes key[slots[i]], value[slots[i]] (default slot i),
     clamped to +-clamp first when given (as torch.clamp: inf -> +-clamp, NaN stays), and is written
     into row block_ids[i] of `out` (distinct rows; default a new tensor), which is returned.
-    Raises ValueError as the codec does: bits outside 2/4/8/16 and bits that exceed the page budget
-    before anything is written; a NaN/inf, or a quantized value beyond +-MAX_QUANTIZED_ABS, while
-    encoding (`out` rows then hold partial pages). `module`: the built Kernel (default: build it).
-    With rotate_keys the rotation is torch's GEMM, per precision class exactly as the codec does
-    it: torch's matmul may round a row differently when a different number of rows share the call."""
+    Raises ValueError as the codec does: bits outside 2/3/4/8/16 and bits that exceed the page budget
+    before anything is written; a NaN/inf, or in a quantized record a rotated value beyond
+    +-MAX_ROTATED_ABS, while encoding (`out` rows then hold partial pages). `module`: the built Kernel
+    (default: build it). The rotation is done in C++ by rotation.fwht's butterflies, so every row
+    rounds alike however the rows are batched."""
     if storage_dtype not in fmt.STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {fmt.STORAGE_DTYPES}, got {storage_dtype}")
     h, d = layout.num_kv_heads, layout.record.head_size
@@ -295,9 +332,9 @@ def encode_pages(
     key_bits, value_bits = key_bits.to(torch.int64).contiguous(), value_bits.to(torch.int64).contiguous()
     slots = None if slots is None else slots.to(torch.int64).contiguous()
     rows = None if block_ids is None else block_ids.to(torch.int64).contiguous()
-    key_rot = _rotated_keys(key, key_bits, slots, clamp, d) if rotate_keys else [None] * len(PRECISIONS)
     args = SealArgs(
         _layout_array(layout, storage_dtype),
+        ctypes.addressof(codebooks()),
         d,
         h,
         n,
@@ -308,9 +345,6 @@ def encode_pages(
         None if slots is None else slots.data_ptr(),
         key_bits.data_ptr(),
         value_bits.data_ptr(),
-        int(rotate_keys),
-        (ctypes.c_void_p * 4)(*(None if r is None else r.data_ptr() for r in key_rot)),
-        (ctypes.c_int64 * 4)(*(0 if r is None else r.shape[0] for r in key_rot)),
         out.data_ptr(),
         out.stride(0),
         out.shape[0],
@@ -319,6 +353,7 @@ def encode_pages(
         0.0 if clamp is None else float(clamp),
         (ctypes.c_int64 * 2)(*clamp_bits),
         MAX_QUANTIZED_ABS,
+        MAX_ROTATED_ABS,
         torch.get_num_threads(),
     )
     (module if module is not None else build()).seal(args)

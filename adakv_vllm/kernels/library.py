@@ -2,11 +2,11 @@
 
 One shared library holds every compiled CPU kernel (csrc/): the fused paged attention
 (cpu_decode.cpp), the page encoder (cpu_seal.cpp) and the quantization-error feature (cpu_qerr.cpp);
-csrc/cpu_quant.h holds the quantizer's rounding steps they share, csrc/cpu_layout.h the page-format
-numbers read alike by reader and writer. Their launchers are in kernels/cpu.py.
+csrc/cpu_quant.h holds the quantizer they share (rotation, codebooks, clip search), csrc/cpu_layout.h
+the page-format numbers read alike by reader and writer. Their launchers are in kernels/cpu.py.
 
 Why C++ (torch.utils.cpp_extension) and not numba or torch.compile: the kernel's work is a
-data-dependent walk (each page's bit map decides where every record lies), 2/4/8-bit unpacking in
+data-dependent walk (each page's bit map decides where every record lies), 2/3/4/8-bit unpacking in
 registers, and an online softmax shared by the 3 query heads of a KV head. numba is installed but
 cannot run inside torch's OpenMP pool (its own threading layer would be a second pool on cores vLLM
 has bound) and has no AVX-512 intrinsics for the unpack; torch.compile's CPU codegen would have to
@@ -53,7 +53,7 @@ import torch
 
 from adakv_vllm import envs
 from adakv_vllm.quant.precision import PRECISIONS
-from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS
+from adakv_vllm.quant.reference import MAX_ROTATED_ABS
 
 logger = logging.getLogger("vllm.adakv.cpu")
 
@@ -62,7 +62,9 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(CSRC / name for name in ("cpu_decode.cpp", "cpu_qerr.cpp", "cpu_seal.cpp"))
 # part of the build key, not compiled alone
 HEADERS = tuple(CSRC / name for name in ("cpu_layout.h", "cpu_quant.h"))
-CFLAGS = ("-O3", "-march=native", "-fopenmp")
+# -ffp-contract=off: no a*b+c is fused into an FMA behind the source's back, so every fp32 step of
+# the quantizer rounds as the oracle's torch ops do (explicit FMA intrinsics are unaffected)
+CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off")
 LDFLAGS = ("-fopenmp",)
 LOCK_NAME = "adakv-build.lock"
 # beside the .so: "<sha256>  <name>.so", the sha256sum format
@@ -106,11 +108,36 @@ def _exclusive(lock_path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# cpu_layout.h: kLayoutNumbers, the length of cpu.layout_numbers()
+LAYOUT_NUMBERS = 7 + 3 * len(PRECISIONS)
+# cpu_quant.h: a codebook's capacity (8 bits: 256 levels), its clip factors (one SIMD lane each), and
+# the codebooks that fit one register (searched over clip factors; decoded by a permute)
+MAX_LEVELS, MAX_CLIP_FACTORS, LANE_LEVELS = 256, 16, 16
+
+
+class Codebook(ctypes.Structure):
+    """Mirror of `struct Codebook` in cpu_quant.h: one quantized precision's quant/levels.py tables."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("num_levels", "num_clip_factors", "zero_code")),
+        ("levels", ctypes.c_float * MAX_LEVELS),
+        ("thresholds", ctypes.c_float * MAX_LEVELS),
+        ("clip_factors", ctypes.c_float * MAX_CLIP_FACTORS),
+    ]
+
+
+class Codebooks(ctypes.Structure):
+    """Mirror of `struct Codebooks` in cpu_quant.h: one Codebook per quantized precision code."""
+
+    _fields_ = [("code", Codebook * sum(p.is_quantized for p in PRECISIONS))]
+
+
 class DecodeArgs(ctypes.Structure):
     """Mirror of `struct Args` in cpu_decode.cpp, field by field."""
 
     _fields_ = [
-        ("layout", ctypes.c_int64 * 21),
+        ("layout", ctypes.c_int64 * LAYOUT_NUMBERS),
+        ("codebooks", ctypes.c_void_p),
         *((name, ctypes.c_int64) for name in ("head_size", "num_heads", "num_kv_heads", "num_tokens")),
         *((name, ctypes.c_int64) for name in ("num_seqs", "num_blocks", "num_slots")),
         ("pages", ctypes.c_void_p),
@@ -126,7 +153,6 @@ class DecodeArgs(ctypes.Structure):
         ("query_start_loc_i64", ctypes.c_int64),
         ("query", ctypes.c_void_p),
         *((name, ctypes.c_int64) for name in ("query_dtype", "q_stride_t", "q_stride_h")),
-        ("query_rot", ctypes.c_void_p),
         ("out", ctypes.c_void_p),
         *((name, ctypes.c_int64) for name in ("out_dtype", "out_stride_t", "out_stride_h")),
         ("scale", ctypes.c_double),
@@ -138,21 +164,34 @@ class SealArgs(ctypes.Structure):
     """Mirror of `struct SealArgs` in cpu_seal.cpp, field by field."""
 
     _fields_ = [
-        ("layout", ctypes.c_int64 * 21),
+        ("layout", ctypes.c_int64 * LAYOUT_NUMBERS),
+        ("codebooks", ctypes.c_void_p),
         *((name, ctypes.c_int64) for name in ("head_size", "num_kv_heads", "num_pages", "num_tokens")),
         *((name, ctypes.c_void_p) for name in ("key", "value")),
         ("num_slots", ctypes.c_int64),
         *((name, ctypes.c_void_p) for name in ("slots", "key_bits", "value_bits")),
-        ("rotate_keys", ctypes.c_int64),
-        ("key_rot", ctypes.c_void_p * 4),
-        ("key_rot_rows", ctypes.c_int64 * 4),
         ("pages", ctypes.c_void_p),
         *((name, ctypes.c_int64) for name in ("page_stride", "num_rows")),
         ("rows", ctypes.c_void_p),
         ("clamp", ctypes.c_int64),
         ("clamp_abs", ctypes.c_double),
         ("clamp_bits", ctypes.c_int64 * 2),
-        ("quantizable_abs", ctypes.c_double),
+        *((name, ctypes.c_double) for name in ("quantized_abs", "rotated_abs")),
+        ("num_threads", ctypes.c_int64),
+    ]
+
+
+class QerrArgs(ctypes.Structure):
+    """Mirror of `struct QerrArgs` in cpu_qerr.cpp, field by field."""
+
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("codebooks", "x")),
+        *((name, ctypes.c_int64) for name in ("dtype", "rows", "head_size", "group_size")),
+        *((name, ctypes.c_int64) for name in ("rotate_shift", "hadamard_log2")),
+        *((name, ctypes.c_void_p) for name in ("codes", "bits")),
+        ("num_precisions", ctypes.c_int64),
+        *((name, ctypes.c_double) for name in ("quantized_abs", "rotated_abs")),
+        ("out", ctypes.c_void_p),
         ("num_threads", ctypes.c_int64),
     ]
 
@@ -160,15 +199,15 @@ class SealArgs(ctypes.Structure):
 # the kernel's dtype codes (cpu_decode.cpp: enum Dtype)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _STATUS = {1: "inconsistent arguments", 2: "a page's bit map, a block id or a staging slot is out of range"}
-# cpu_seal.cpp's status codes -> the error PageCodec.encode (or reference.py under it) raises
-_SEAL_ERRORS = {
+# cpu_seal.cpp's and cpu_qerr.cpp's status codes -> the error the oracle (reference.py) raises
+_QUANT_ERRORS = {
     1: "inconsistent arguments",
     2: f"bits must be in {[p.bits for p in PRECISIONS]}",
     3: "bits exceed the page budget",
     4: "slots must be rows of key/value, block_ids distinct rows of out",
     5: "input contains NaN or inf; AdaKV cannot cache non-finite values",
-    6: f"values beyond +-{MAX_QUANTIZED_ABS:g} cannot be stored in a quantized record "
-    "(fp16 scale/min); store them at 16 bits",
+    6: f"rotated values beyond +-{MAX_ROTATED_ABS:g} cannot be stored in a quantized record "
+    "(fp16 scale); store them at 16 bits",
 }
 
 
@@ -181,37 +220,34 @@ class Kernel:
         self._lib.adakv_paged_attention.argtypes = [ctypes.POINTER(DecodeArgs)]
         self._lib.adakv_paged_attention.restype = ctypes.c_int
         self._lib.adakv_args_size.restype = ctypes.c_int64
-        self._lib.adakv_relative_errors.argtypes = [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-            ctypes.c_void_p, ctypes.c_int64,
-        ]  # fmt: skip
+        self._lib.adakv_relative_errors.argtypes = [ctypes.POINTER(QerrArgs)]
         self._lib.adakv_relative_errors.restype = ctypes.c_int
         self._lib.adakv_seal.argtypes = [ctypes.POINTER(SealArgs)]
         self._lib.adakv_seal.restype = ctypes.c_int
-        self._lib.adakv_seal_args_size.restype = ctypes.c_int64
-        if self._lib.adakv_args_size() != ctypes.sizeof(DecodeArgs):
-            raise RuntimeError(f"{path}: struct Args does not match cpu.py's DecodeArgs (stale build?)")
-        if self._lib.adakv_seal_args_size() != ctypes.sizeof(SealArgs):
-            raise RuntimeError(f"{path}: struct SealArgs does not match cpu.py's SealArgs (stale build?)")
+        for sizer in ("adakv_seal_args_size", "adakv_qerr_args_size", "adakv_codebooks_size"):
+            getattr(self._lib, sizer).restype = ctypes.c_int64
+        for sizer, mirror in (
+            ("adakv_args_size", DecodeArgs),
+            ("adakv_seal_args_size", SealArgs),
+            ("adakv_qerr_args_size", QerrArgs),
+            ("adakv_codebooks_size", Codebooks),
+        ):
+            if getattr(self._lib, sizer)() != ctypes.sizeof(mirror):
+                raise RuntimeError(
+                    f"{path}: {sizer} does not match library.py's {mirror.__name__} (stale build?)"
+                )
 
-    def relative_errors(
-        self, y: torch.Tensor, tops: torch.Tensor, group_size: int, out: torch.Tensor
-    ) -> None:
-        """y: [rows, d] fp32 contiguous; tops: [P] int64; out: [rows, P] fp32 contiguous."""
-        status = self._lib.adakv_relative_errors(
-            y.data_ptr(), y.shape[0], y.shape[1], group_size, tops.data_ptr(), tops.numel(),
-            out.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
+    def relative_errors(self, args: QerrArgs) -> None:
+        """The quantization-error feature (see cpu.relative_errors); ValueError as reference.py raises it."""
+        status = self._lib.adakv_relative_errors(ctypes.byref(args))
         if status:
-            raise ValueError(
-                f"relative_errors: head_size {y.shape[1]}, group {group_size}, {tops.numel()} precisions"
-            )
+            raise ValueError(_QUANT_ERRORS.get(status, f"AdaKV relative_errors: status {status}"))
 
     def seal(self, args: SealArgs) -> None:
         """Encode pages (see encode_pages); ValueError as PageCodec.encode raises it."""
         status = self._lib.adakv_seal(ctypes.byref(args))
         if status:
-            raise ValueError(_SEAL_ERRORS.get(status, f"AdaKV seal: status {status}"))
+            raise ValueError(_QUANT_ERRORS.get(status, f"AdaKV seal: status {status}"))
 
     def has_avx512(self) -> bool:
         return bool(self._lib.adakv_has_avx512())
@@ -386,9 +422,7 @@ def _warn_fallback(error: Exception) -> None:
 @functools.cache
 def _warn_torch_fallback(error: Exception) -> None:
     logger.warning(
-        "the compiled CPU library is unavailable (%r); sealing pages (~8x) and the per-token "
-        "quantization-error feature (~4x) run in torch instead, which is slower",
+        "the compiled CPU library is unavailable (%r); sealing pages (~50x) and the per-token "
+        "quantization-error feature (~80x) run in torch instead, which is slower",
         error,
     )
-
-

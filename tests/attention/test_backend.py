@@ -52,7 +52,7 @@ def step():
     layout = page_layout(BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE, AdaKVConfig(target_bits=4, policy="static"))
     blocks = [-(-s // BLOCK_SIZE) for s, _ in MIXED]
     num_blocks = sum(blocks) + 2
-    store = KVStore(layout, LAYER + 1, num_blocks, DTYPE, True, max_staging_slots=num_blocks)
+    store = KVStore(layout, LAYER + 1, num_blocks, DTYPE, max_staging_slots=num_blocks)
     for layer in range(LAYER + 1):
         store.bind(layer, torch.zeros(num_blocks, layout.page_bytes, dtype=torch.uint8))
     perm = torch.randperm(num_blocks, generator=gen)

@@ -16,8 +16,10 @@ from adakv_vllm.quant.precision import ALL_BITS
 
 # (query dtype) -> (rtol, atol) against the fp32 oracle, outputs ~N(0, 1/sqrt(context)) in size.
 TOLERANCES = {
-    # fp32 in and out: only summation order (per-page online softmax, split merge) and the kernel's
-    # polynomial exp (relative error < 2e-7) differ from the oracle.
+    # fp32 in and out: the same decoded values (LEVELS[code] * scale, as the codec); only summation
+    # order (per-page online softmax, split merge, the rotation folded into q and into the summed
+    # values instead of each value record) and the kernel's polynomial exp (relative error < 2e-7)
+    # differ from the oracle.
     torch.float32: (2e-5, 2e-6),
     # 16-bit outputs: one final rounding to bf16 (relative 2**-9) dominates everything else.
     torch.bfloat16: (2**-8, 1e-5),
@@ -31,14 +33,13 @@ class Case:
     name: str
     seq_lens: tuple[int, ...]
     query_lens: tuple[int, ...] | None = None  # default: 1 per sequence (decode)
-    bits: str = "mixed"  # "mixed" (2/4/8/16, key and value independent) or one of ALL_BITS as str
+    bits: str = "mixed"  # "mixed" (2/3/4/8/16, key and value independent) or one of ALL_BITS as str
     open_blocks: str = "last"  # "last" (each sequence's last block), "none", "all", "random"
     num_heads: int = 9
     num_kv_heads: int = 3
     head_size: int = 64
     group_size: int = 32
     block_size: int = 32
-    rotate_keys: bool = True
     storage: torch.dtype = torch.bfloat16
     query_dtype: torch.dtype = torch.float32
     pages_per_split: int = 0
@@ -52,7 +53,10 @@ CASES = [
     Case("open_and_sealed_mixed", (300, 150, 97), open_blocks="random"),
     Case("all_open", (70, 40), open_blocks="all"),
     Case("all_2_bit", (200, 64), bits="2"),
+    Case("all_3_bit", (200, 45), bits="3"),
+    Case("all_3_bit_group_16", (90,), bits="3", group_size=16),
     Case("all_4_bit", (200,), bits="4"),
+    Case("all_4_bit_group_16_element_order", (100,), bits="4", group_size=16),
     Case("all_8_bit", (129,), bits="8"),
     Case("all_16_bit", (200, 33), bits="16"),
     Case("mha", (100, 51), num_heads=4, num_kv_heads=4),
@@ -60,7 +64,9 @@ CASES = [
     Case("head_128", (100, 40), head_size=128, group_size=64),
     Case("head_80_block_diagonal_rotation", (100, 40), head_size=80, group_size=16),
     Case("head_96_group_16", (70,), head_size=96, group_size=16, num_heads=2, num_kv_heads=2),
-    Case("no_rotation", (150, 20), rotate_keys=False),
+    Case("head_32", (90, 7), head_size=32, group_size=16),
+    Case("head_48_three_rotation_blocks", (70,), head_size=48, group_size=16, num_heads=4, num_kv_heads=2),
+    Case("head_256", (80, 33), head_size=256, group_size=64, num_heads=4, num_kv_heads=2),
     Case("batch_of_different_lengths", (1, 2, 31, 32, 33, 64, 65, 500, 1000, 7)),
     Case("fp16_storage", (120, 61), storage=torch.float16),
     Case("bf16_query_and_out", (200, 17), query_dtype=torch.bfloat16),
@@ -81,8 +87,8 @@ def _bits(case: Case, layout: fmt.PageLayout, n: int, gen: torch.Generator):
         b = torch.full((n, t), int(case.bits))
         return b, b.clone()
     choices = torch.tensor(ALL_BITS)
-    kb = choices[torch.randint(0, 4, (n, t), generator=gen)]
-    vb = choices[torch.randint(0, 4, (n, t), generator=gen)]
+    kb = choices[torch.randint(0, len(ALL_BITS), (n, t), generator=gen)]
+    vb = choices[torch.randint(0, len(ALL_BITS), (n, t), generator=gen)]
     assert all(layout.fits(kb[i], vb[i]) for i in range(n))  # pages are sized for all-16-bit
     return kb, vb
 
@@ -92,7 +98,7 @@ def _problem(case: Case, seed: int = 0):
     bs, h, d = case.block_size, case.num_kv_heads, case.head_size
     record = fmt.RecordLayout(d, case.group_size)
     layout = fmt.PageLayout(bs, h, record, fmt.page_bytes_for_target(bs, h, record, 16, 16))
-    codec = PageCodec(layout, case.storage, case.rotate_keys)
+    codec = PageCodec(layout, case.storage)
     seq_lens = torch.tensor(case.seq_lens, dtype=torch.int32)
     query_lens = torch.tensor(case.query_lens or [1] * len(case.seq_lens), dtype=torch.int32)
     blocks_per_seq = [(s + bs - 1) // bs for s in case.seq_lens]
@@ -174,7 +180,6 @@ def test_fused_matches_oracle(module, case, path):
         **args,
         layout=codec.layout,
         scale=scale,
-        rotate_keys=case.rotate_keys,
         out=out,
         module=module,
         pages_per_split=case.pages_per_split,
@@ -190,9 +195,7 @@ def test_splits_do_not_change_the_result(module):
     case = Case("split", (1000, 257))
     args, codec = _problem(case, seed=3)
     outs = [
-        cpu.paged_attention(
-            **args, layout=codec.layout, scale=0.125, rotate_keys=True, module=module, pages_per_split=p
-        )
+        cpu.paged_attention(**args, layout=codec.layout, scale=0.125, module=module, pages_per_split=p)
         for p in (1, 4, 1000)
     ]
     rtol, atol = TOLERANCES[torch.float32]
@@ -205,7 +208,7 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_any_batch(module):
     row's rounding -- hence a greedy token -- does not change with what else is in the step."""
     case = Case("batch_invariance", (3000, 40, 9000, 700))
     args, codec = _problem(case, seed=5)
-    common = {"layout": codec.layout, "scale": 0.125, "rotate_keys": True, "module": module}
+    common = {"layout": codec.layout, "scale": 0.125, "module": module}
     batch = cpu.paged_attention(**args, **common)
     for s in range(len(case.seq_lens)):
         alone = {
@@ -222,10 +225,10 @@ def test_invalid_inputs_raise_value_error(module):
     args, codec = _problem(Case("v", (40,)))
     bad = {**args, "seq_lens": args["seq_lens"].float()}
     with pytest.raises(ValueError, match="seq_lens must be one of"):
-        cpu.paged_attention(**bad, layout=codec.layout, scale=1.0, rotate_keys=True, module=module)
+        cpu.paged_attention(**bad, layout=codec.layout, scale=1.0, module=module)
     bad = {**args, "query": args["query"][..., :32]}
     with pytest.raises(ValueError, match="head_size"):
-        cpu.paged_attention(**bad, layout=codec.layout, scale=1.0, rotate_keys=True, module=module)
+        cpu.paged_attention(**bad, layout=codec.layout, scale=1.0, module=module)
 
 
 def test_corrupt_bit_map_is_an_error_not_a_wild_read(module):
@@ -234,7 +237,7 @@ def test_corrupt_bit_map_is_an_error_not_a_wild_read(module):
     block = int(args["block_table"][0, 0])
     args["pages"][block, 0] = 0xFF  # precision code 15 does not exist
     with pytest.raises(RuntimeError, match="bit map"):
-        cpu.paged_attention(**args, layout=codec.layout, scale=1.0, rotate_keys=True, module=module)
+        cpu.paged_attention(**args, layout=codec.layout, scale=1.0, module=module)
 
 
 def test_mode_switch(monkeypatch):
@@ -315,8 +318,10 @@ def test_fused_matches_stock_kernel(module):
     value[~sealed] = args["staging_value"][slots[~sealed]].float()
     # The one-ulp claim is about vLLM's fp32 vector kernel; its AMX kernel (chosen where the CPU has
     # AMX tiles) multiplies bf16 tiles and rounds differently, so compare with the vector one.
-    isa = "vec" if torch.cpu._is_avx512_supported() and bs % 32 == 0 else cpu_attn._get_attn_isa(
-        torch.bfloat16, bs, d
+    isa = (
+        "vec"
+        if torch.cpu._is_avx512_supported() and bs % 32 == 0
+        else cpu_attn._get_attn_isa(torch.bfloat16, bs, d)
     )
     cache = torch.empty(num_blocks, h, 2 * bs, d, dtype=torch.bfloat16)
     key_cache, value_cache = cache.chunk(2, dim=2)
@@ -362,9 +367,7 @@ def test_fused_matches_stock_kernel(module):
     layer = types.SimpleNamespace(isa=isa, _k_scale_float=1.0, _v_scale_float=1.0)
     stock = torch.empty_like(query)
     impl.forward(layer, query, None, None, cache.view(num_blocks, h, bs, 2 * d), md, stock)
-    ours = cpu.paged_attention(
-        **{**args, "query": query}, layout=codec.layout, scale=scale, rotate_keys=True, module=module
-    )
+    ours = cpu.paged_attention(**{**args, "query": query}, layout=codec.layout, scale=scale, module=module)
     ulp = stock.float().abs().clamp_min(2.0**-126) * 2.0**-7  # one bf16 ulp is at most |x| * 2**-7
     assert ((ours.float() - stock.float()).abs() <= ulp).all()
     assert (ours == stock).float().mean() > 0.99

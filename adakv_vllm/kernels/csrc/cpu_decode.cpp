@@ -9,11 +9,15 @@
 //     same size, the sum over the block's tokens of record_bytes[key code] + record_bytes[value code];
 //   * a region holds the key records then the value records, each part ordered by precision code
 //     ascending, ties by token position; bit map byte t = key code | value code << 4;
-//   * a quantized record is [codes][scales fp16 x G][mins fp16 x G] (offsets given), element i of a
-//     byte occupies bits [i*bits, (i+1)*bits) (little-endian), and decodes as code*scale + min;
+//   * a quantized record is [codes][scales fp16 x G] (offsets given); its codes form a little-endian
+//     bit stream, element i at bits [i*bits, (i+1)*bits), and element i decodes as
+//     LEVELS[bits][code] * scale of its group (quant/levels.py's codebooks, passed in `codebooks`);
 //   * a 16-bit record is the model's 16-bit dtype verbatim (the staging dtype).
-// With rotate_keys, quantized key records hold k @ R; R is orthonormal, so q . k == (q @ R) . (k @ R)
-// and the kernel dots them with the pre-rotated query instead of rotating keys back.
+// Rotation (quant/rotation.py): a quantized record holds y = rotate(x) = FWHT(x) 2**-k and stands for
+// x^ = unrotate(y^) = FWHT(y^) 2**(k-m), with FWHT symmetric. So q . x^ = (FWHT(q) 2**(k-m)) . y^:
+// quantized keys are dotted with the rotated query (its power of two folded into the score scale),
+// and sum_t p_t x^_t = unrotate(sum_t p_t y^_t): quantized values accumulate in a rotated accumulator
+// that is rotated back once per item and added to the plain one (16-bit records, staging).
 //
 // Work: one item = (sequence, range of pages), all KV heads (a page's bytes are read once, in
 // order, and its bit map is parsed once). Per page and KV head, every record is decoded once into
@@ -48,6 +52,7 @@
 #include <vector>
 
 #include "cpu_layout.h"
+#include "cpu_quant.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define ADAKV_AVX512 1
@@ -56,8 +61,9 @@
 
 namespace {
 
-constexpr int kNumCodes = adakv::kPrecisionCodes;  // codes 0..3 = 2/4/8/16 bits (format.py / precision.py)
-constexpr int kFp16Code = 3;  // the verbatim 16-bit precision
+constexpr int kNumCodes = adakv::kPrecisionCodes;  // codes 0..4 = 2/3/4/8/16 bits (precision.py)
+constexpr int kFp16Code = adakv::kFp16Code;        // the verbatim 16-bit precision
+constexpr int kQuantizedCodes = adakv::kQuantizedCodes;
 constexpr int kMaxBlockSize = 1024;
 constexpr int kMaxHeadSize = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -67,10 +73,17 @@ struct Layout : adakv::PageNumbers {
   int head_size, num_groups, num_kv_heads;
   int chunk_shift;  // log2(group_size / 16): the group of 16-element chunk c is c >> chunk_shift
   int64_t page_stride;
+  int nibble_bytes[16];  // record bytes of a bit-map nibble, 0 for a nibble that is no precision code
+  float unrotate;        // 2**(k - m): unrotate(y) = FWHT(y) * unrotate
+  // the codebooks' levels: lv[c][code] for the <= 16-level codebooks (2/3/4 bits), zero-padded
+  alignas(64) float lv[kQuantizedCodes][16];
+  const float* levels[kQuantizedCodes];  // LEVELS of each quantized code (the portable path's table)
+  float grid_base, grid_step;            // the 8-bit codebook, an exact grid: LEVELS[c] = fma(c, step, base)
 };
 
-// Decoder kinds: 0/1/2 = 2/4/8-bit codes, 3 = bf16, 4 = fp16.
-inline int kind_of(int code, const Layout& L) { return code < kFp16Code ? code : (L.storage_bf16 ? 3 : 4); }
+// Decoder kinds: 0/1/2/3 = 2/3/4/8-bit codes (the precision code), 4 = bf16, 5 = fp16.
+constexpr int kBf16Kind = 4, kHalfKind = 5;
+inline int kind_of(int code, const Layout& L) { return code < kFp16Code ? code : (L.storage_bf16 ? kBf16Kind : kHalfKind); }
 
 // A run of records of one kind: record i of the run lies at base + i * stride and holds token
 // position order[i]; its score sits at record index first + i of the part.
@@ -96,7 +109,7 @@ const bool kIotaReady = [] {
   return true;
 }();
 
-// Parse a sealed page's bit map. Returns false on a precision code outside 0..3 or a region
+// Parse a sealed page's bit map. Returns false on a precision code outside 0..4 or a region
 // that overflows the page.
 inline bool view_page(const uint8_t* page, const Layout& L, PageView& v) {
   const int bs = L.block_size;
@@ -105,8 +118,8 @@ inline bool view_page(const uint8_t* page, const Layout& L, PageView& v) {
   for (int t = 0; t < bs; ++t) {
     const int k = page[t] & 0xF, val = page[t] >> 4;
     ok &= k < kNumCodes && val < kNumCodes;
-    ++count[0][k & 3];
-    ++count[1][val & 3];
+    ++count[0][k < kNumCodes ? k : 0];
+    ++count[1][val < kNumCodes ? val : 0];
   }
   if (!ok) return false;
   int first[2][kNumCodes], part_start = L.header_bytes;
@@ -192,12 +205,13 @@ inline uint16_t float_to_half(float f) {  // round to nearest even, overflow to 
 struct Rows {
   int count, d, sc_stride;
   const float* q;     // [count, d] pre-scaled query, for 16-bit keys
-  const float* qrot;  // [count, d] pre-scaled rotated query, for quantized keys (== q if not rotated)
+  const float* qrot;  // [count, d] pre-scaled rotated query (FWHT(q) 2**(k-m)), for quantized keys
   float* sc;          // [count, sc_stride] scores then probabilities, by key record index
-  float* acc;         // [count, d]
+  float* acc;         // [count, d] p * v of 16-bit values
+  float* acc_rot;     // [count, d] p * y^ of quantized values, in the rotated space
   const int* visible; // [count] visible positions of the current page (a prefix, by causality)
   // 4-bit records in "nibble order" (see kNibbleKind), or null: the rotated query
-  // permuted into that order, and the value accumulators kept in it until the item ends.
+  // permuted into that order, and the rotated value accumulators kept in it until the item ends.
   const float* qperm;  // [count, d]
   float* acc_perm;     // [count, d]
 };
@@ -206,27 +220,41 @@ struct Rows {
 struct ScalarPath {
   static constexpr bool kNibbleOrder = false;
 
+  // A quantized record, one little-endian word at a time: 16 codes (4, 6 or 8 bytes) at 2/3/4 bits,
+  // 8 codes at 8 bits; element i of the word at bits [i*bits, (i+1)*bits).
+  template <int kBits>
+  static void decode_codes(const uint8_t* rec, const Layout& L, const float* levels, int scales_offset,
+                           float* out) {
+    constexpr int kPerWord = kBits == 8 ? 8 : 16;
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(rec + scales_offset);
+    for (int i = 0; i < L.head_size; i += kPerWord) {
+      uint64_t word = 0;
+      std::memcpy(&word, rec + i * kBits / 8, kPerWord * kBits / 8);
+      const float s = half_to_float(scales[(i >> 4) >> L.chunk_shift]);  // groups hold whole 16-chunks
+      for (int j = 0; j < kPerWord; ++j) out[i + j] = levels[(word >> (j * kBits)) & ((1u << kBits) - 1)] * s;
+    }
+  }
+
   static void decode(int kind, const uint8_t* rec, const Layout& L, float* out) {
     const int d = L.head_size;
-    if (kind >= 3) {
+    if (kind >= kBf16Kind) {
       const uint16_t* x = reinterpret_cast<const uint16_t*>(rec);
-      for (int i = 0; i < d; ++i) out[i] = kind == 3 ? bf16_to_float(x[i]) : half_to_float(x[i]);
+      for (int i = 0; i < d; ++i) out[i] = kind == kBf16Kind ? bf16_to_float(x[i]) : half_to_float(x[i]);
       return;
     }
-    const int bits = L.bits[kind], per_byte = 8 / bits, mask = (1 << bits) - 1;
-    const uint16_t* scales = reinterpret_cast<const uint16_t*>(rec + L.scales_offset[kind]);
-    const uint16_t* mins = reinterpret_cast<const uint16_t*>(rec + L.mins_offset[kind]);
-    for (int i = 0; i < d; ++i) {
-      const int q = (rec[i / per_byte] >> ((i % per_byte) * bits)) & mask;
-      const int g = i / L.group_size;
-      out[i] = static_cast<float>(q) * half_to_float(scales[g]) + half_to_float(mins[g]);
+    const float* levels = L.levels[kind];
+    switch (L.bits[kind]) {
+      case 2: decode_codes<2>(rec, L, levels, L.scales_offset[kind], out); break;
+      case 3: decode_codes<3>(rec, L, levels, L.scales_offset[kind], out); break;
+      case 4: decode_codes<4>(rec, L, levels, L.scales_offset[kind], out); break;
+      default: decode_codes<8>(rec, L, levels, L.scales_offset[kind], out); break;
     }
   }
 
   static void scores(const Run& run, const uint8_t* base, const uint16_t* order, Rows& R, const Layout& L) {
     (void)order;
     float k[kMaxHeadSize];
-    const float* q = run.kind < 3 ? R.qrot : R.q;
+    const float* q = run.kind < kBf16Kind ? R.qrot : R.q;
     for (int i = 0; i < run.count; ++i) {
       decode(run.kind, base + static_cast<int64_t>(i) * run.stride, L, k);
       for (int r = 0; r < R.count; ++r) {
@@ -240,6 +268,7 @@ struct ScalarPath {
   static void values(const Run& run, const uint8_t* base, const uint16_t* order, const uint16_t* key_rank,
                      Rows& R, const Layout& L) {
     float v[kMaxHeadSize];
+    float* acc = run.kind < kBf16Kind ? R.acc_rot : R.acc;
     const int t_max = R.visible[R.count - 1];
     for (int i = 0; i < run.count; ++i) {
       const int t = order[i];
@@ -247,7 +276,7 @@ struct ScalarPath {
       decode(run.kind, base + static_cast<int64_t>(i) * run.stride, L, v);
       for (int r = 0; r < R.count; ++r) {
         const float p = R.sc[r * R.sc_stride + key_rank[t]];
-        float* a = R.acc + r * R.d;
+        float* a = acc + r * R.d;
         for (int e = 0; e < R.d; ++e) a[e] += p * v[e];
       }
     }
@@ -272,7 +301,10 @@ struct ScalarPath {
         sum += sc[i];
       }
       if (alpha != 1.0f)
-        for (int e = 0; e < R.d; ++e) R.acc[r * R.d + e] *= alpha;  // no acc_perm on this path
+        for (int e = 0; e < R.d; ++e) {  // no acc_perm on this path
+          R.acc[r * R.d + e] *= alpha;
+          R.acc_rot[r * R.d + e] *= alpha;
+        }
       l[r] = l[r] * alpha + sum;
       m[r] = m_new;
     }
@@ -284,38 +316,45 @@ struct ScalarPath {
 constexpr int kMaxChunks = kMaxHeadSize / 16;
 #define ADAKV_INLINE inline __attribute__((always_inline))
 
-// Decoder kind 5 (kNibbleKind): 4-bit records left in nibble order -- per 32 elements, out[2b] holds the even
+// Decoder kind 6 (kNibbleKind): 4-bit records left in nibble order -- per 32 elements, out[2b] holds the even
 // elements 32b, 32b+2, ..., out[2b+1] the odd ones. Dot products do not care about element order
 // (the query is permuted to match) and value accumulators stay in it until the item ends, so the
 // two interleaving permutes per 32 elements disappear. Needs group_size >= 32 (one scale per pair).
-constexpr int kNibbleKind = 5;
+constexpr int kNibbleKind = 6;
 
-// One record -> NC zmm of fp32, out[c] = elements 16c .. 16c+15. NC = head_size / 16, 0 = runtime.
+// One record -> NC zmm of fp32, out[c] = elements 16c .. 16c+15 (nibble order for kNibbleKind).
+// NC = head_size / 16, 0 = runtime. Quantized kinds look their codes up in the codebook (a register
+// for 2/3/4 bits; the 8-bit grid as fma(code, step, base), exact, see run()) and multiply by the
+// group's scale: the very fp32 product LEVELS[code] * scale of the oracle.
 template <int KIND, int NC>
 ADAKV_INLINE void decode_record(const uint8_t* rec, const Layout& L, int nc, __m512* out) {
-  constexpr int code = KIND == kNibbleKind ? 1 : KIND;
+  constexpr int code = KIND == kNibbleKind ? 2 : KIND;
   const int n = NC ? NC : nc;
-  if constexpr (KIND == 3) {
+  if constexpr (KIND == kBf16Kind) {
     for (int c = 0; c < n; ++c) {
       const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 32 * c));
       out[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
-  } else if constexpr (KIND == 4) {
+  } else if constexpr (KIND == kHalfKind) {
     for (int c = 0; c < n; ++c)
       out[c] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 32 * c)));
   } else {
-    if constexpr (KIND == 2) {  // one byte per element
-      for (int c = 0; c < n; ++c)
-        out[c] = _mm512_cvtepi32_ps(
+    const __m512 lv = _mm512_load_ps(L.lv[code]);
+    if constexpr (KIND == 3) {  // one byte per element, on the 8-bit grid
+      const __m512 step = _mm512_set1_ps(L.grid_step), base = _mm512_set1_ps(L.grid_base);
+      for (int c = 0; c < n; ++c) {
+        const __m512 q = _mm512_cvtepi32_ps(
             _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 16 * c))));
+        out[c] = _mm512_fmadd_ps(q, step, base);
+      }
     } else if constexpr (KIND == kNibbleKind) {
       const __m512i nibble = _mm512_set1_epi32(0xF);
       for (int c = 0; c < n; c += 2) {
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 8 * c)));
-        out[c] = _mm512_cvtepi32_ps(_mm512_and_si512(b, nibble));
-        out[c + 1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+        out[c] = _mm512_permutexvar_ps(_mm512_and_si512(b, nibble), lv);
+        out[c + 1] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lv);
       }
-    } else if constexpr (KIND == 1) {
+    } else if constexpr (KIND == 2) {
       // 16 bytes = 32 nibbles: low nibbles are the even elements, high nibbles the odd ones;
       // two 2-source permutes interleave them back into element order.
       const __m512i lo_idx = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
@@ -324,8 +363,21 @@ ADAKV_INLINE void decode_record(const uint8_t* rec, const Layout& L, int nc, __m
       for (int c = 0; c < n; c += 2) {
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 8 * c)));
         const __m512i even = _mm512_and_si512(b, nibble), odd = _mm512_srli_epi32(b, 4);
-        out[c] = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(even, lo_idx, odd));
-        out[c + 1] = _mm512_cvtepi32_ps(_mm512_permutex2var_epi32(even, hi_idx, odd));
+        out[c] = _mm512_permutexvar_ps(_mm512_permutex2var_epi32(even, lo_idx, odd), lv);
+        out[c + 1] = _mm512_permutexvar_ps(_mm512_permutex2var_epi32(even, hi_idx, odd), lv);
+      }
+    } else if constexpr (KIND == 1) {
+      // 6 bytes = 16 codes of 3 bits, read as one 64-bit word (the 2 bytes past the codes are the
+      // record's own scales): elements 0..7 from its bits 0..23, elements 8..15 from bits 24..47,
+      // one 32-bit window each, broadcast to 8 lanes and shifted by 3 * (lane % 8).
+      const __m512i shift = _mm512_set_epi32(21, 18, 15, 12, 9, 6, 3, 0, 21, 18, 15, 12, 9, 6, 3, 0);
+      const __m512i mask = _mm512_set1_epi32(7);
+      for (int c = 0; c < n; ++c) {
+        uint64_t word;
+        std::memcpy(&word, rec + 6 * c, 8);
+        const __m512i w = _mm512_mask_set1_epi32(_mm512_set1_epi32(static_cast<int>(word)), 0xFF00,
+                                                 static_cast<int>(word >> 24));
+        out[c] = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(w, shift), mask), lv);
       }
     } else {
       // 4 bytes = 16 crumbs: element i at bit 2i of the little-endian word.
@@ -333,19 +385,18 @@ ADAKV_INLINE void decode_record(const uint8_t* rec, const Layout& L, int nc, __m
       for (int c = 0; c < n; ++c) {
         uint32_t word;
         std::memcpy(&word, rec + 4 * c, 4);
-        out[c] = _mm512_cvtepi32_ps(_mm512_and_si512(
-            _mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shift), _mm512_set1_epi32(3)));
+        out[c] = _mm512_permutexvar_ps(
+            _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(word)), shift),
+                             _mm512_set1_epi32(3)),
+            lv);
       }
     }
-    // x = code * scale + min, per group of group_size elements (>= 16, so whole chunks). The fp16
-    // scales and mins are converted together, then broadcast from memory (cheap loads).
+    // x = LEVELS[code] * scale, per group of group_size elements (>= 16, so whole chunks). The fp16
+    // scales are converted together, then broadcast by a permute.
     const __mmask16 gmask = static_cast<__mmask16>((1u << L.num_groups) - 1);
     const __m512 scales = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, rec + L.scales_offset[code]));
-    const __m512 mins = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gmask, rec + L.mins_offset[code]));
-    for (int c = 0; c < n; ++c) {
-      const __m512i g = _mm512_set1_epi32(c >> L.chunk_shift);
-      out[c] = _mm512_fmadd_ps(out[c], _mm512_permutexvar_ps(g, scales), _mm512_permutexvar_ps(g, mins));
-    }
+    for (int c = 0; c < n; ++c)
+      out[c] = _mm512_mul_ps(out[c], _mm512_permutexvar_ps(_mm512_set1_epi32(c >> L.chunk_shift), scales));
   }
 }
 
@@ -436,7 +487,7 @@ struct Avx512Path {
 
   template <int KIND>
   static void scores_kind(const Run& run, const uint8_t* base, Rows& R, const Layout& L) {
-    const float* q = KIND == kNibbleKind ? R.qperm : KIND < 3 ? R.qrot : R.q;
+    const float* q = KIND == kNibbleKind ? R.qperm : KIND < kBf16Kind ? R.qrot : R.q;
     // Rows in blocks of up to 3 (SmolLM2's GQA group): RB x 4 accumulators stay in registers.
     for (int r0 = 0; r0 < R.count; r0 += 3) {
       const float* qb = q + r0 * R.d;
@@ -451,27 +502,29 @@ struct Avx512Path {
   static void scores(const Run& run, const uint8_t* base, const uint16_t*, Rows& R, const Layout& L) {
     switch (run.kind) {
       case 0: scores_kind<0>(run, base, R, L); break;
-      case 1:
+      case 1: scores_kind<1>(run, base, R, L); break;
+      case 2:
         if (R.qperm)
           scores_kind<kNibbleKind>(run, base, R, L);
         else
-          scores_kind<1>(run, base, R, L);
+          scores_kind<2>(run, base, R, L);
         break;
-      case 2: scores_kind<2>(run, base, R, L); break;
       case 3: scores_kind<3>(run, base, R, L); break;
-      default: scores_kind<4>(run, base, R, L); break;
+      case kBf16Kind: scores_kind<kBf16Kind>(run, base, R, L); break;
+      default: scores_kind<kHalfKind>(run, base, R, L); break;
     }
   }
 
   template <int KIND>
   static void values_kind(const Run& run, const uint8_t* base, const uint16_t* order, const uint16_t* key_rank,
                           Rows& R, const Layout& L) {
+    float* acc = KIND == kNibbleKind ? R.acc_perm : KIND < kBf16Kind ? R.acc_rot : R.acc;
     for (int r0 = 0; r0 < R.count; r0 += 4) {
       const int rb = std::min(4, R.count - r0);
       const int t_max = R.visible[r0 + rb - 1];  // later rows see at least as much (causal)
       if (t_max <= 0) continue;
       const float* p = R.sc + r0 * R.sc_stride;
-      float* a = (KIND == kNibbleKind ? R.acc_perm : R.acc) + r0 * R.d;
+      float* a = acc + r0 * R.d;
 #define ADAKV_VALUES(N) \
   value_rows<KIND, NC, N>(base, run.stride, run.count, order, key_rank, t_max, p, a, R.d, R.sc_stride, L)
       switch (rb) {
@@ -487,15 +540,16 @@ struct Avx512Path {
                      Rows& R, const Layout& L) {
     switch (run.kind) {
       case 0: values_kind<0>(run, base, order, key_rank, R, L); break;
-      case 1:
+      case 1: values_kind<1>(run, base, order, key_rank, R, L); break;
+      case 2:
         if (R.acc_perm)
           values_kind<kNibbleKind>(run, base, order, key_rank, R, L);
         else
-          values_kind<1>(run, base, order, key_rank, R, L);
+          values_kind<2>(run, base, order, key_rank, R, L);
         break;
-      case 2: values_kind<2>(run, base, order, key_rank, R, L); break;
       case 3: values_kind<3>(run, base, order, key_rank, R, L); break;
-      default: values_kind<4>(run, base, order, key_rank, R, L); break;
+      case kBf16Kind: values_kind<kBf16Kind>(run, base, order, key_rank, R, L); break;
+      default: values_kind<kHalfKind>(run, base, order, key_rank, R, L); break;
     }
   }
 
@@ -526,7 +580,7 @@ struct Avx512Path {
       }
       if (alpha != 1.0f) {
         const __m512 av = _mm512_set1_ps(alpha);
-        for (float* a : {R.acc + r * R.d, R.acc_perm ? R.acc_perm + r * R.d : nullptr}) {
+        for (float* a : {R.acc + r * R.d, R.acc_rot + r * R.d, R.acc_perm ? R.acc_perm + r * R.d : nullptr}) {
           if (!a) continue;
           for (int e = 0; e < R.d; e += 16) _mm512_storeu_ps(a + e, _mm512_mul_ps(av, _mm512_loadu_ps(a + e)));
         }
@@ -541,9 +595,10 @@ struct Avx512Path {
 // ================================ driver =========================================================
 enum Dtype : int64_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-// The C entry's arguments; cpu.py mirrors this struct field by field (ctypes).
+// The C entry's arguments; library.py's DecodeArgs mirrors this struct field by field (ctypes).
 struct Args {
-  int64_t layout[5 + 4 * kNumCodes];  // see cpu.py: layout_numbers
+  int64_t layout[adakv::kLayoutNumbers];  // see cpu.py: layout_numbers
+  const adakv::Codebooks* codebooks;      // cpu.py: codebooks (quant/levels.py's tables)
   int64_t head_size, num_heads, num_kv_heads, num_tokens, num_seqs, num_blocks, num_slots;
   const uint8_t* pages;
   int64_t page_stride;
@@ -557,7 +612,6 @@ struct Args {
   int64_t seq_lens_i64, query_start_loc_i64;
   const void* query;             // [num_tokens, num_heads, head_size], strided, last dim contiguous
   int64_t query_dtype, q_stride_t, q_stride_h;
-  const float* query_rot;        // [num_tokens, num_heads, head_size] contiguous, or null
   void* out;                     // like query
   int64_t out_dtype, out_stride_t, out_stride_h;
   double scale;
@@ -580,7 +634,6 @@ struct Problem {
   const void* query;
   int64_t query_dtype;
   int64_t q_stride_t, q_stride_h;
-  const float* query_rot;  // [T, num_heads, D] contiguous, or nullptr
   float scale;
   std::vector<int64_t> seq_lens, q_start, q_len;
 
@@ -622,9 +675,8 @@ inline void store_as(void* base, int64_t dt, int64_t i, float x) {
 // Prefetch the bytes a sealed page really uses (its bit map says how many): pages are sized for the
 // budget, and whole-page prefetches would fetch the unused tail too.
 inline void prefetch_page(const uint8_t* page, const Layout& L) {
-  int64_t region = 0;
-  for (int t = 0; t < L.block_size; ++t)
-    region += L.record_bytes[page[t] & 3] + L.record_bytes[(page[t] >> 4) & 3];
+  int64_t region = 0;  // not yet validated: a nibble that is no precision code counts 0 bytes
+  for (int t = 0; t < L.block_size; ++t) region += L.nibble_bytes[page[t] & 0xF] + L.nibble_bytes[page[t] >> 4];
   const int64_t used = std::min<int64_t>(L.page_bytes, L.header_bytes + L.num_kv_heads * region);
   for (int64_t o = 64; o < used; o += 64) __builtin_prefetch(page + o);
 }
@@ -637,16 +689,17 @@ bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView
   const int64_t seq_len = P.seq_lens[it.seq], q_len = P.q_len[it.seq], q0 = P.q_start[it.seq];
   const int per_head = static_cast<int>(q_len) * group, rows = per_head * heads;
   const int sc_stride = (bs + 31) / 16 * 16;  // >= bs + 16: room for 4-wide stores past the end
-  const bool rotated = P.query_rot != nullptr;
   const bool nibble = Path::kNibbleOrder && L.group_size >= 32;
-  const size_t need = static_cast<size_t>(rows) * (d * (rotated ? 3 : 2) + (nibble ? 2 * d : 0) + sc_stride + 5);
+  const size_t need = static_cast<size_t>(rows) * (d * (nibble ? 6 : 4) + sc_stride + 5);
   if (ws.size() < need) ws.resize(need);
   float* w = ws.data();
   float* q = w;
   w += rows * d;
-  float* qrot = rotated ? w : q;
-  w += rotated ? rows * d : 0;
+  float* qrot = w;
+  w += rows * d;
   float* acc = w;
+  w += rows * d;
+  float* acc_rot = w;
   w += rows * d;
   float* sc = w;
   w += rows * sc_stride;
@@ -664,12 +717,15 @@ bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView
         const int r = h * per_head + j * group + g;
         const int64_t head = static_cast<int64_t>(h) * group + g;
         load_scaled(P.query, P.query_dtype, (q0 + j) * P.q_stride_t + head * P.q_stride_h, d, P.scale, q + r * d);
-        if (rotated) load_scaled(P.query_rot, kF32, ((q0 + j) * P.num_heads + head) * d, d, P.scale, qrot + r * d);
+        std::memcpy(qrot + r * d, q + r * d, sizeof(float) * d);  // FWHT(q) 2**(k-m), see the top
+        adakv::fwht(qrot + r * d, d, L.hadamard_log2);
+        adakv::scale_pow2(qrot + r * d, d, L.rotate_shift - L.hadamard_log2);
         qpos[r] = static_cast<int>(seq_len - q_len + j);
         m[r] = kNegInf;
         l[r] = 0.f;
       }
   std::fill(acc, acc + static_cast<size_t>(rows) * d, 0.f);
+  std::fill(acc_rot, acc_rot + static_cast<size_t>(rows) * d, 0.f);
   if (nibble) {  // element 32b + 2i (+1) of the rotated query -> lane i of chunk 2b (2b + 1)
     std::fill(acc_perm, acc_perm + static_cast<size_t>(rows) * d, 0.f);
     for (int r = 0; r < rows; ++r)
@@ -707,8 +763,9 @@ bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView
     }
     for (int h = 0; h < heads; ++h) {
       const int r0 = h * per_head;
-      Rows R{per_head, d, sc_stride, q + r0 * d, qrot + r0 * d, sc + r0 * sc_stride, acc + r0 * d, visible + r0,
-             nibble ? qperm + r0 * d : nullptr, nibble ? acc_perm + r0 * d : nullptr};
+      Rows R{per_head,      d,           sc_stride,     q + r0 * d,
+             qrot + r0 * d, sc + r0 * sc_stride, acc + r0 * d, acc_rot + r0 * d,
+             visible + r0,  nibble ? qperm + r0 * d : nullptr, nibble ? acc_perm + r0 * d : nullptr};
       for (int i = 0; i < view.num_runs[0]; ++i) {
         const Run& run = view.runs[0][i];
         Path::scores(run, run.base + h * run.head_step, view.order[0] + run.first, R, L);
@@ -724,9 +781,14 @@ bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView
     for (int r = 0; r < rows; ++r)
       for (int b = 0; b < d; b += 32)
         for (int i = 0; i < 16; ++i) {
-          acc[r * d + b + 2 * i] += acc_perm[r * d + b + i];
-          acc[r * d + b + 2 * i + 1] += acc_perm[r * d + b + 16 + i];
+          acc_rot[r * d + b + 2 * i] += acc_perm[r * d + b + i];
+          acc_rot[r * d + b + 2 * i + 1] += acc_perm[r * d + b + 16 + i];
         }
+  for (int r = 0; r < rows; ++r) {  // acc += unrotate(acc_rot) = FWHT(acc_rot) 2**(k-m)
+    float* a = acc_rot + r * d;
+    adakv::fwht(a, d, L.hadamard_log2);
+    for (int e = 0; e < d; ++e) acc[r * d + e] += a[e] * L.unrotate;
+  }
   const int width = d + 2;
   for (int r = 0; r < rows; ++r) {
     float* out = partial + (it.partial + r) * width;
@@ -759,6 +821,25 @@ std::vector<int64_t> read_index(const void* p, bool i64, int64_t n) {
   return v;
 }
 
+// The codebooks' levels into L; false unless the precisions are 2/3/4/8/16 bits with 2**bits levels
+// and the 8-bit levels form an exact grid (what the AVX-512 decoder computes instead of a lookup).
+bool read_codebooks(const adakv::Codebooks* books, Layout& L) {
+  if (!books || L.bits[0] != 2 || L.bits[1] != 3 || L.bits[2] != 4 || L.bits[3] != 8 || L.bits[kFp16Code] != 16)
+    return false;
+  for (int c = 0; c < kQuantizedCodes; ++c) {
+    const adakv::Codebook& cb = books->code[c];
+    if (!adakv::codebook_ok(cb, L.bits[c])) return false;
+    L.levels[c] = cb.levels;
+    for (int i = 0; i < 16; ++i) L.lv[c][i] = i < cb.num_levels ? cb.levels[i] : 0.f;
+  }
+  const float* grid = books->code[3].levels;
+  L.grid_base = grid[0];
+  L.grid_step = grid[1] - grid[0];
+  for (int i = 0; i < 256; ++i)
+    if (std::fma(static_cast<float>(i), L.grid_step, L.grid_base) != grid[i]) return false;
+  return true;
+}
+
 int run(const Args& a) {
   Problem P;
   Layout& L = P.L;
@@ -770,11 +851,14 @@ int run(const Args& a) {
   if (L.block_size <= 0 || L.block_size > kMaxBlockSize || L.header_bytes < L.block_size ||
       L.head_size % 16 != 0 || L.head_size > kMaxHeadSize || L.group_size < 16 ||
       (L.group_size & (L.group_size - 1)) != 0 || L.head_size % L.group_size != 0 || L.num_kv_heads <= 0 ||
-      a.num_heads % a.num_kv_heads != 0)
+      a.num_heads % a.num_kv_heads != 0 || L.hadamard_log2 < 4 || L.head_size % (1 << L.hadamard_log2) != 0 ||
+      !read_codebooks(a.codebooks, L))
     return kBadArgs;
   L.num_groups = L.head_size / L.group_size;
   L.chunk_shift = 0;
   while ((16 << L.chunk_shift) < L.group_size) ++L.chunk_shift;
+  for (int nibble = 0; nibble < 16; ++nibble) L.nibble_bytes[nibble] = nibble < kNumCodes ? L.record_bytes[nibble] : 0;
+  L.unrotate = std::ldexp(1.0f, L.rotate_shift - L.hadamard_log2);
 
   P.num_heads = static_cast<int>(a.num_heads);
   P.group = P.num_heads / L.num_kv_heads;
@@ -791,7 +875,6 @@ int run(const Args& a) {
   P.query_dtype = a.query_dtype;
   P.q_stride_t = a.q_stride_t;
   P.q_stride_h = a.q_stride_h;
-  P.query_rot = a.query_rot;
   P.scale = static_cast<float>(a.scale);
   const int64_t num_seqs = a.num_seqs;
   P.seq_lens = read_index(a.seq_lens, a.seq_lens_i64 != 0, num_seqs);

@@ -1,13 +1,11 @@
-// The store's per-step quantization-error feature, fused: for every row of y, the relative L2 error
-// ||y - q_p(y)|| / max(||y||, 1e-6) at each precision p, with the page quantizer (asymmetric
-// round-to-nearest per group, fp16 min rounded down and fp16 scale rounded up, widened once more
-// when min + scale * top falls short of the max: cpu_quant.h, shared with the page encoder).
-// Oracle: quant/reference.py::relative_errors, which computes the same thing with ~8 full-size
-// torch temporaries per precision; here one pass per row keeps the group in registers (~10x less
-// time for a 512-token prefill step).
-//
-// The caller clamps and rotates y (a GEMM torch does well); this file does the rest. Products are
-// not contracted into FMAs (fp-contract=off), so every step rounds as the oracle's torch ops do.
+// The store's per-step quantization-error feature, fused: for every row x (one token in one KV head),
+// the relative L2 error ||y - q_p(y)|| / max(||y||, 1e-6) at each precision p, where y is the rotated
+// row, clamped first (rotation.py scales norms by a power of two, so the ratio is the error of the
+// stored vector) and q_p is the page quantizer (cpu_quant.h, shared with the page encoder: the same
+// rotation by butterflies, codebooks and clip search, hence the very codes a sealed page stores).
+// Oracle: quant/reference.py::relative_errors, which the launcher (cpu.py) completes with the mean
+// over heads. The codes and scales are the oracle's; the sums differ by rounding only (the oracle's
+// norms sum in fp32, here in fp64, the errors as the clip search measured them: quantize_group).
 
 #include <omp.h>
 
@@ -18,69 +16,106 @@
 
 namespace {
 
-constexpr int kMaxPrecisions = 8;
-constexpr int64_t kMaxGroup = 512;
-constexpr int kLanes = 16;
+constexpr int kMaxPrecisions = adakv::kQuantizedCodes;
+constexpr int kMaxHeadSize = 256;
 
-// Sum of v[0, n) in a fixed order: kLanes running partial sums, folded pairwise (16 -> 8 -> 4 ->
-// 2 -> 1), then any tail. Without -ffast-math a plain `s += v[i]` loop is one serial chain the
-// compiler may not reorder; this order vectorises, and is just as deterministic.
-ADAKV_EXACT float lane_sum(const float* v, int64_t n) {
-  float part[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) part[j] += v[i + j];
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int j = 0; j < width; ++j) part[j] += part[j + width];
-  float s = part[0];
-  for (; i < n; ++i) s += v[i];
-  return s;
+enum Status { kOk = 0, kBadArgs = 1, kNonFinite = 5, kTooLarge = 6 };  // as cpu_seal.cpp's
+// Value errors as bit flags: a NaN anywhere wins, as the oracle checks the whole batch for NaN first.
+enum ValueError { kFine = 0, kHasNaN = 1, kHasTooLarge = 2 };
+enum Dtype : int64_t { kF32 = 0, kBF16 = 1, kF16 = 2 };  // library.py: DTYPE_CODES
+
+// Mirror of library.py's QerrArgs, field by field.
+struct QerrArgs {
+  const adakv::Codebooks* codebooks;  // cpu.py: codebooks (quant/levels.py's tables)
+  const void* x;                      // [rows, head_size], contiguous, in dtype
+  int64_t dtype, rows, head_size, group_size;
+  int64_t rotate_shift, hadamard_log2;  // rotation.scale_exponents(head_size)
+  const int64_t* codes;                 // [num_precisions] quantized precision codes
+  const int64_t* bits;                  // [num_precisions] their bits
+  int64_t num_precisions;
+  double quantized_abs;  // reference.MAX_QUANTIZED_ABS: inputs are clamped to it
+  double rotated_abs;    // reference.MAX_ROTATED_ABS: a larger rotated value is an error
+  float* out;            // [rows, num_precisions]
+  int64_t num_threads;
+};
+
+void widen(const QerrArgs& a, int64_t r, float* y) {
+  const int d = static_cast<int>(a.head_size);
+  if (a.dtype == kF32) {
+    const float* x = static_cast<const float*>(a.x) + r * d;
+    for (int i = 0; i < d; ++i) y[i] = x[i];
+  } else if (a.dtype == kBF16) {
+    adakv::to_float<true>(static_cast<const uint16_t*>(a.x) + r * d, d, y);
+  } else {
+    adakv::to_float<false>(static_cast<const uint16_t*>(a.x) + r * d, d, y);
+  }
 }
 
-ADAKV_EXACT void row_errors(const float* y, int64_t d, int64_t group, const int64_t* tops, int num_p, float* out) {
-  float err2[kMaxPrecisions] = {};
-  float sq[kMaxGroup];  // per-element squares of one group, summed by lane_sum
-  float norm2 = 0.f;
-  for (int64_t g0 = 0; g0 < d; g0 += group) {
-    const float* x = y + g0;
-    float lo = x[0], hi = x[0];
-    for (int64_t i = 0; i < group; ++i) sq[i] = x[i] * x[i];
-    for (int64_t i = 0; i < group; ++i) {  // min/max are exact: any order gives the same result
-      lo = x[i] < lo ? x[i] : lo;
-      hi = x[i] > hi ? x[i] : hi;
-    }
-    norm2 += lane_sum(sq, group);
-    const float low = static_cast<float>(adakv::group_min(lo));
-    for (int p = 0; p < num_p; ++p) {
-      const float top = static_cast<float>(tops[p]);
-      const float scale = static_cast<float>(adakv::group_scale(hi, low, top));
-      const float safe = scale > 0.f ? scale : 1.f;
-      for (int64_t i = 0; i < group; ++i) {
-        const float e = adakv::group_code(x[i], low, safe, top) * scale + low - x[i];
-        sq[i] = e * e;
-      }
-      err2[p] += lane_sum(sq, group);
-    }
+// One row: out[p] for every precision; returns the ValueError flag of a value the oracle refuses. As
+// the oracle clamps before it checks, an inf is clamped (and may then rotate out of range); a NaN is
+// an error.
+int row_errors(const QerrArgs& a, int64_t r) {
+  const int d = static_cast<int>(a.head_size), g_size = static_cast<int>(a.group_size);
+  alignas(64) float y[kMaxHeadSize];
+  widen(a, r, y);
+  const float limit = static_cast<float>(a.quantized_abs);
+  int nan = 0;
+  for (int i = 0; i < d; ++i) {
+    nan |= std::isnan(y[i]);
+    y[i] = y[i] > limit ? limit : (y[i] < -limit ? -limit : y[i]);  // torch.clamp
   }
-  const float norm = std::fmax(std::sqrt(norm2), 1e-6f);
-  for (int p = 0; p < num_p; ++p) out[p] = std::sqrt(err2[p]) / norm;
+  if (nan) return kHasNaN;
+  adakv::fwht(y, d, static_cast<int>(a.hadamard_log2));
+  adakv::scale_pow2(y, d, -static_cast<int>(a.rotate_shift));
+  const float rotated_abs = static_cast<float>(a.rotated_abs);
+  double part[8] = {};  // the norm, in 8 interleaved partial sums
+  int too_large = 0;
+  for (int i = 0; i < d; i += 8)
+    for (int j = 0; j < 8; ++j) {
+      too_large |= std::fabs(y[i + j]) > rotated_abs;
+      part[j] += static_cast<double>(y[i + j]) * y[i + j];
+    }
+  if (too_large) return kHasTooLarge;
+  double norm2 = 0.0;
+  for (double p : part) norm2 += p;
+  const float norm = std::fmax(static_cast<float>(std::sqrt(norm2)), 1e-6f);
+  for (int p = 0; p < a.num_precisions; ++p) {
+    const adakv::Codebook& cb = a.codebooks->code[a.codes[p]];
+    double err2 = 0.0;
+    for (int g0 = 0; g0 < d; g0 += g_size) {
+      double group_err2;
+      adakv::quantize_group(y + g0, g_size, cb, nullptr, &group_err2);
+      err2 += group_err2;
+    }
+    a.out[r * a.num_precisions + p] = static_cast<float>(std::sqrt(err2)) / norm;
+  }
+  return kFine;
+}
+
+int relative_errors(const QerrArgs& a) {
+  if (!a.codebooks || a.rows < 0 || a.head_size <= 0 || a.head_size > kMaxHeadSize || a.head_size % 16 ||
+      a.group_size < 16 || a.group_size % 16 || a.head_size % a.group_size || a.hadamard_log2 < 4 ||
+      a.head_size % (int64_t{1} << a.hadamard_log2) || a.num_precisions <= 0 || a.num_precisions > kMaxPrecisions ||
+      (a.dtype != kF32 && a.dtype != kBF16 && a.dtype != kF16))
+    return kBadArgs;
+  for (int64_t p = 0; p < a.num_precisions; ++p)
+    if (a.codes[p] < 0 || a.codes[p] >= adakv::kQuantizedCodes ||
+        !adakv::codebook_ok(a.codebooks->code[a.codes[p]], a.bits[p]))
+      return kBadArgs;
+  const int team = static_cast<int>(a.num_threads > 0 ? a.num_threads : 1);
+  int errors = kFine;
+#pragma omp parallel for num_threads(team) schedule(static) reduction(| : errors)
+  for (int64_t r = 0; r < a.rows; ++r) errors |= row_errors(a, r);
+  return errors & kHasNaN ? kNonFinite : (errors & kHasTooLarge ? kTooLarge : kOk);
 }
 
 }  // namespace
 
 extern "C" {
 
-// y: [rows, d] fp32 contiguous; tops: [num_p] (2**bits - 1); out: [rows, num_p] fp32.
-// Returns 0, or 1 on inconsistent arguments.
-int adakv_relative_errors(const float* y, int64_t rows, int64_t d, int64_t group, const int64_t* tops,
-                          int64_t num_p, float* out, int64_t num_threads) {
-  if (rows < 0 || d <= 0 || group <= 0 || group > kMaxGroup || d % group || num_p <= 0 ||
-      num_p > kMaxPrecisions)
-    return 1;
-  const int team = static_cast<int>(num_threads > 0 ? num_threads : 1);
-#pragma omp parallel for num_threads(team) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) row_errors(y + r * d, d, group, tops, static_cast<int>(num_p), out + r * num_p);
-  return 0;
-}
+// 0 = ok; 1 = inconsistent arguments; 5 = a NaN; 6 = a rotated value beyond rotated_abs.
+int adakv_relative_errors(const QerrArgs* args) { return relative_errors(*args); }
+
+int64_t adakv_qerr_args_size() { return static_cast<int64_t>(sizeof(QerrArgs)); }
 
 }  // extern "C"
