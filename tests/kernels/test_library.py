@@ -183,4 +183,4 @@ def test_unsafe_folder_falls_back_in_auto_and_raises_in_fused(cache, monkeypatch
         assert library.fused_kernel() is None
     finally:
         library.logger.removeHandler(caplog.handler)
-    assert str(cache / "ext") in caplog.text and "scratch path" in caplog.text
+    assert str(cache / "ext") in caplog.text and "bf16 scratch copy" in caplog.text
