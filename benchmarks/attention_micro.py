@@ -64,10 +64,10 @@ LAYER = 1
 def make_store(layout, num_blocks: int, bits: int, open_blocks: torch.Tensor, gen) -> KVStore:
     """A KVStore whose blocks in LAYER are sealed at `bits` except `open_blocks` (staged)."""
     h, d, bs = NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE
-    store = KVStore(layout, LAYER + 1, num_blocks, DTYPE, True, max_staging_slots=open_blocks.numel() + 1)
+    store = KVStore(layout, LAYER + 1, num_blocks, DTYPE, max_staging_slots=open_blocks.numel() + 1)
     kv_cache = torch.empty(num_blocks, h, bs, layout.page_bytes // (h * bs), dtype=torch.uint8)
     store.bind(LAYER, kv_cache)
-    codec = PageCodec(layout, DTYPE, True)
+    codec = PageCodec(layout, DTYPE)
     chunk = 256
     for start in range(0, num_blocks, chunk):
         n = min(chunk, num_blocks - start)
@@ -136,7 +136,6 @@ def run_case(
             md.query_start_loc,
             layout,
             SCALE,
-            True,
             out=output,
             module=fused_module,
         )

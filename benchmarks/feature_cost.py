@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/feature_cost.py [--repeats 20]
 
-Worker side, every step: the store's quantization-error feature (2/4/8-bit errors of each written
-token in each of the 30 layers) -- the staging writes of a step with it (compiled kernel, and its
+Worker side, every step: the store's quantization-error feature (the errors at QERR_BITS of each
+written token in each of the 30 layers) -- the staging writes of a step with it (compiled kernel, and its
 torch oracle, the fallback where no compiler is available) and without it.
-Scheduler side, once per sealing block: BlockTokens -> features -> MLP -> planner, for each policy.
+Scheduler side, once per sealing block: BlockTokens -> features -> policy -> planner (keys and values,
+at K3.5/V2.5), for each policy.
 Prints milliseconds per call; figures are for this machine, compare them with a decode step's time.
 """
 
@@ -19,10 +20,10 @@ import torch
 
 from adakv_vllm.blocks import planner
 from adakv_vllm.blocks.store import KVStore
-from adakv_vllm.controller.policy import BlockTokens, controller_expectations, make_policy
+from adakv_vllm.controller.features import NUM_QERR
+from adakv_vllm.controller.policy import PARTS, BlockTokens, controller_expectations, make_policy
 from adakv_vllm.kernels import library
 from adakv_vllm.quant import format as fmt
-from adakv_vllm.quant.precision import PRECISIONS
 
 LAYERS, HEADS, HEAD_SIZE, BLOCK, VOCAB = 30, 3, 64, 32, 49152
 
@@ -38,7 +39,7 @@ def timed(fn, repeats: int) -> float:
 def worker_cost(num_tokens: int, repeats: int) -> tuple[float, float, float]:
     record = fmt.RecordLayout(HEAD_SIZE, 32)
     layout = fmt.PageLayout(BLOCK, HEADS, record, fmt.page_bytes_for_target(BLOCK, HEADS, record, 4.0, 4.0))
-    store = KVStore(layout, LAYERS, 4096, torch.bfloat16, True, max_staging_slots=256)
+    store = KVStore(layout, LAYERS, 4096, torch.bfloat16, max_staging_slots=256)
     slots = torch.arange(num_tokens, dtype=torch.int64)
     key = torch.randn(num_tokens, HEADS, HEAD_SIZE).bfloat16()
     value = torch.randn(num_tokens, HEADS, HEAD_SIZE).bfloat16()
@@ -58,25 +59,29 @@ def worker_cost(num_tokens: int, repeats: int) -> tuple[float, float, float]:
 
 
 def scheduler_cost(policy_name: str, repeats: int) -> float:
+    key_bits, value_bits = 3.5, 2.5
     record = fmt.RecordLayout(HEAD_SIZE, 32)
-    cost = torch.tensor([2 * HEADS * record.record_bytes(p) for p in PRECISIONS])
-    budget = int(BLOCK * 2 * HEADS * record.interpolated_bytes(3.0))
+    page_bytes = fmt.page_bytes_for_target(BLOCK, HEADS, record, key_bits, value_bits)
+    layout = fmt.PageLayout(BLOCK, HEADS, record, page_bytes)
+    cost, budgets = layout.token_costs(), layout.part_budgets(key_bits, value_bits)
     extra = {}
     if policy_name == "learned":
-        extra = dict(vocab_size=VOCAB, expect=controller_expectations(32, True))
-    policy = make_policy(policy_name, 3.0, sink_tokens=4, **extra)
+        extra = dict(vocab_size=VOCAB, expect=controller_expectations(32))
+    policy = make_policy(policy_name, key_bits, value_bits, sink_tokens=4, **extra)
     block = BlockTokens(
         token_ids=torch.randint(0, VOCAB, (BLOCK,)),
         positions=torch.arange(64, 64 + BLOCK),
-        qerr=torch.rand(BLOCK, 3) * torch.tensor([0.5, 0.1, 0.01]),
+        qerr=torch.rand(BLOCK, NUM_QERR) * torch.logspace(-0.3, -2.3, NUM_QERR),
         first_occurrence=torch.ones(BLOCK, dtype=torch.bool),
         sampled=torch.full((BLOCK, 2), float("nan")),
         prior_count=torch.zeros(BLOCK, dtype=torch.int64),
+        attention=torch.rand(BLOCK),
     )
 
     def decide():
-        weight, distortion = policy.scores(block)
-        planner.allocate(weight, distortion, cost, budget, policy.floor(block))
+        for part, budget in zip(PARTS, budgets, strict=True):
+            weight, distortion = policy.scores(block, part)
+            planner.allocate(weight, distortion, cost, budget, policy.floor(block, part))
 
     return timed(decide, repeats)
 
@@ -91,9 +96,12 @@ def main() -> None:
     for n in (1, 16, 512):
         on, oracle, off = worker_cost(n, args.repeats)
         print(f"  {n:4d} tokens  {on:8.2f} / {oracle:8.2f} / {off:8.2f}   feature share {1 - off / on:.0%}")
-    print("scheduler: one sealing block of 32 tokens at 3 bits, ms (features + policy + planner)")
-    for name in ("random", "rule", "learned"):
-        print(f"  {name:8s} {scheduler_cost(name, args.repeats):8.3f}")
+    print("scheduler: one sealing block of 32 tokens at K3.5/V2.5, ms (features + policy + planner)")
+    for name in ("random", "attention", "rule", "learned"):
+        try:
+            print(f"  {name:9s} {scheduler_cost(name, args.repeats):8.3f}")
+        except ValueError as e:  # the learned policy without weights for this quantizer
+            print(f"  {name:9s} unavailable: {e}")
 
 
 if __name__ == "__main__":
