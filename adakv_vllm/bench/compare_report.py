@@ -26,12 +26,13 @@ def figure_values(result: dict | None) -> dict[str, float]:
     if not result:
         return {}
     out = {}
-    for key, source in (("kv_tokens", "kv_capacity_tokens"), ("peak_rss_mib", None), ("startup_s", None)):
-        if result.get(source or key) is not None:
-            out[key] = result[source or key]
-    for key in ("output_tok_s", "total_tok_s"):
-        if result.get("throughput"):
-            out[f"throughput.{key}"] = result["throughput"][key]
+    if result.get("kv_capacity_tokens") is not None:
+        out["kv_tokens"] = result["kv_capacity_tokens"]
+    for key in ("peak_rss_mib", "startup_s"):
+        if result.get(key) is not None:
+            out[key] = result[key]
+    for key in ("output_tok_s", "total_tok_s") if result.get("throughput") else ():
+        out[f"throughput.{key}"] = result["throughput"][key]
     for point, phases in (result.get("decode") or {}).items():
         for phase, figs in phases.items():
             for key in DECODE_FIGURES:
@@ -48,7 +49,7 @@ def summarize_runs(runs: dict[str, list[dict]]) -> dict[str, dict[str, dict]]:
     out = {}
     for name, rounds in runs.items():
         values = [figure_values(r["result"]) for r in rounds]
-        keys = sorted({k for v in values for k in v})
+        keys = dict.fromkeys(k for v in values for k in v)  # in phase order
         out[name] = {k: summarize([v.get(k) for v in values]) for k in keys}
     return out
 
@@ -135,10 +136,6 @@ def table(runs: dict[str, list[dict]], summary: dict, rat: dict, settings: dict)
     return "\n".join(lines)
 
 
-def _plot_order(key: str) -> tuple[int, str]:
-    return (0 if key == "kv_tokens" else 1 if key == "peak_rss_mib" else 2 if key.startswith("t") else 3, key)
-
-
 def plot(rat: dict[str, dict[str, dict]], path: Path) -> None:
     """Horizontal bars: each figure's x against bf16 (medians) per config; the line at 1 is bf16."""
     import matplotlib
@@ -147,7 +144,7 @@ def plot(rat: dict[str, dict[str, dict]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = [n for n in rat if n != REFERENCE]
-    keys = sorted({k for n in names for k in rat[n] if k != "startup_s"}, key=_plot_order)
+    keys = list(dict.fromkeys(k for n in names for k in rat[n] if k != "startup_s"))  # phase order
     fig, ax = plt.subplots(figsize=(9, 0.35 * max(len(keys), 1) * max(len(names), 1) + 1.5))
     height = 0.8 / max(len(names), 1)
     for i, name in enumerate(names):
