@@ -101,7 +101,7 @@ POISON = [
     ("value", float("inf"), 4, False),
     ("key", float("inf"), 16, False),
     ("key", float("-inf"), 2, False),
-    ("key", "long", 4, True),  # a finite row of 6000s: norm 48000, rotates past the fp16-scale range
+    ("key", "long", 4, True),  # a finite row of 9000s rotates to 72000 in one channel: past the fp16 scale
 ]
 
 
@@ -120,7 +120,7 @@ def test_seal_never_raises_on_values_the_model_wrote(
     x = store.staging.key if part == "key" else store.staging.value
     slot = int(store.staging.slot_of_block[6])
     if poison == "long":
-        x[1, slot, 3, 2] = 6000.0  # layer 1, token 3, KV head 2: the whole row
+        x[1, slot, 3, 2] = 9000.0  # layer 1, token 3, KV head 2: the whole row
     else:
         x[1, slot, 3, 2, 5] = poison  # one element of that row
     bits = torch.full((1, BS), target)
