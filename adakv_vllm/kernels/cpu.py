@@ -2,6 +2,8 @@
 
   paged_attention   csrc/cpu_decode.cpp, oracle kernels/attention_ref.paged_attention_ref
   encode_pages      csrc/cpu_seal.cpp, oracle kernels/page_codec.PageCodec.encode (the same bytes)
+  decode_pages      csrc/cpu_unpack.cpp, oracle kernels/page_codec.PageCodec.decode (the same bits
+                    once in the storage dtype)
   relative_errors   csrc/cpu_qerr.cpp, oracle quant.reference.relative_errors
 
 `paged_attention(...)` computes the oracle's contract straight from the packed pages (no dequantized
@@ -9,7 +11,8 @@ copy of the context): causal, any query_len, GQA, mixed 2/3/4/8/16-bit records, 
 FP16 staging; quantized keys are dotted with the rotated query and quantized values accumulate in the
 rotated space, rotated back once per query row (cpu_decode.cpp). The backend uses it for every decode
 row (mixed steps included); prefill rows keep the scratch path, whose GEMM-shaped kernel suits many
-queries per key (benchmarks/attention_micro.py --query-len 512 compares them).
+queries per key (benchmarks/attention_micro.py --query-len 512 compares them); `decode_pages` writes
+that path's plain copy of the sealed pages.
 
 Layout numbers come from `quant.format` and `quant.rotation` (`layout_numbers`), the codebooks from
 `quant.levels` (`codebooks`); the C++ only applies format.py's documented packing rules and the
@@ -34,6 +37,7 @@ from adakv_vllm.kernels.library import (
     Kernel,
     QerrArgs,
     SealArgs,
+    UnpackArgs,
     build,
 )
 from adakv_vllm.quant import format as fmt
@@ -358,3 +362,85 @@ def encode_pages(
     )
     (module if module is not None else build()).seal(args)
     return out
+
+
+def decode_pages(
+    pages: torch.Tensor,  # [num_blocks, >= page_bytes] uint8 (one layer), rows may be strided
+    block_ids: torch.Tensor,  # [n] integer: the rows of `pages` to decode
+    layout: fmt.PageLayout,
+    storage_dtype: torch.dtype,
+    module: Kernel | None = None,
+    *,
+    out_key: torch.Tensor | None = None,  # [num_rows, block_size, num_kv_heads, head_size] storage_dtype
+    out_value: torch.Tensor | None = None,  # the same
+    out_rows: torch.Tensor | None = None,  # [n] integer: distinct rows of out_key/out_value (default 0..n-1)
+    force_scalar: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PageCodec.decode's keys and values, compiled (oracle: PageCodec.decode(pages[block_ids]),
+    converted .to(storage_dtype): the same bits): -> (key, value), each [n, block_size, num_kv_heads,
+    head_size] storage_dtype, the whole block of each page.
+
+    In place, for KVStore.gather: page block_ids[i] is written into row out_rows[i] of out_key and
+    out_value (both contiguous; default new tensors, and row i); other rows are left as they were.
+    Raises ValueError on bad arguments and RuntimeError on a page whose bit map is corrupt, both
+    before anything is written. `module`: the built Kernel (default: build it). force_scalar: the
+    portable path even where the AVX-512 one is compiled in (tests)."""
+    if storage_dtype not in fmt.STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {fmt.STORAGE_DTYPES}, got {storage_dtype}")
+    if pages.dtype != torch.uint8 or pages.dim() != 2 or pages.shape[1] < layout.page_bytes:
+        raise ValueError(f"pages must be [num_blocks, >= {layout.page_bytes}] uint8, got {list(pages.shape)}")
+    if pages.stride(1) != 1 or pages.device.type != "cpu":
+        raise ValueError("pages must be a CPU tensor with contiguous rows")
+    if block_ids.dim() != 1 or block_ids.is_floating_point() or block_ids.device.type != "cpu":
+        raise ValueError(f"block_ids must be [n] CPU integers, got {list(block_ids.shape)} {block_ids.dtype}")
+    n = block_ids.numel()
+    if n and not (0 <= int(block_ids.min()) and int(block_ids.max()) < pages.shape[0]):
+        raise ValueError(f"block_ids must be rows of pages (0..{pages.shape[0] - 1})")
+    kv_shape = (layout.block_size, layout.num_kv_heads, layout.record.head_size)
+    if (out_key is None) != (out_value is None):
+        raise ValueError("pass out_key and out_value together, or neither")
+    if out_key is None:
+        if out_rows is not None:
+            raise ValueError("out_rows name rows of out_key/out_value; pass them too")
+        out_key = torch.empty(n, *kv_shape, dtype=storage_dtype)
+        out_value = torch.empty_like(out_key)
+    for name, out in (("out_key", out_key), ("out_value", out_value)):
+        if out.dim() != 4 or tuple(out.shape[1:]) != kv_shape or out.dtype != storage_dtype:
+            raise ValueError(
+                f"{name} must be [num_rows, *{kv_shape}] {storage_dtype}, got {list(out.shape)} {out.dtype}"
+            )
+        if not out.is_contiguous() or out.device.type != "cpu":
+            raise ValueError(f"{name} must be a contiguous CPU tensor")
+    if out_value.shape != out_key.shape:
+        raise ValueError(
+            f"out_key and out_value must have one shape, got {list(out_key.shape)}/{list(out_value.shape)}"
+        )
+    if out_rows is None and out_key.shape[0] != n:
+        raise ValueError(
+            f"without out_rows, out_key/out_value hold one row per page ({n}), got {out_key.shape[0]}"
+        )
+    if out_rows is not None and (out_rows.shape != (n,) or out_rows.is_floating_point()):
+        raise ValueError(f"out_rows must be [{n}] integers, got {list(out_rows.shape)}")
+    if n == 0:
+        return out_key, out_value
+    block_ids = block_ids.to(torch.int64).contiguous()
+    rows = None if out_rows is None else out_rows.to(torch.int64).contiguous()
+    args = UnpackArgs(
+        _layout_array(layout, storage_dtype),
+        ctypes.addressof(codebooks()),
+        layout.record.head_size,
+        layout.num_kv_heads,
+        n,
+        pages.data_ptr(),
+        pages.stride(0),
+        pages.shape[0],
+        block_ids.data_ptr(),
+        None if rows is None else rows.data_ptr(),
+        out_key.data_ptr(),
+        out_value.data_ptr(),
+        out_key.shape[0],
+        int(force_scalar),
+        torch.get_num_threads(),
+    )
+    (module if module is not None else build()).unpack(args)
+    return out_key, out_value

@@ -1,7 +1,8 @@
 """The compiled CPU library: JIT build, cache and loader, and the ctypes mirror of its entry points.
 
 One shared library holds every compiled CPU kernel (csrc/): the fused paged attention
-(cpu_decode.cpp), the page encoder (cpu_seal.cpp) and the quantization-error feature (cpu_qerr.cpp);
+(cpu_decode.cpp), the page encoder (cpu_seal.cpp), the page decoder of the scratch path
+(cpu_unpack.cpp) and the quantization-error feature (cpu_qerr.cpp);
 csrc/cpu_quant.h holds the quantizer they share (rotation, codebooks, clip search), csrc/cpu_layout.h
 the page-format numbers read alike by reader and writer. Their launchers are in kernels/cpu.py.
 
@@ -58,8 +59,9 @@ from adakv_vllm.quant.reference import MAX_ROTATED_ABS
 logger = logging.getLogger("vllm.adakv.cpu")
 
 CSRC = Path(__file__).with_name("csrc")
-# One library: the fused decode attention, the store's quantization-error feature and page encoder.
-SOURCES = tuple(CSRC / name for name in ("cpu_decode.cpp", "cpu_qerr.cpp", "cpu_seal.cpp"))
+# One library: the fused decode attention, the store's quantization-error feature, page encoder and
+# page decoder.
+SOURCES = tuple(CSRC / name for name in ("cpu_decode.cpp", "cpu_qerr.cpp", "cpu_seal.cpp", "cpu_unpack.cpp"))
 # part of the build key, not compiled alone
 HEADERS = tuple(CSRC / name for name in ("cpu_layout.h", "cpu_quant.h"))
 # -ffp-contract=off: no a*b+c is fused into an FMA behind the source's back, so every fp32 step of
@@ -181,6 +183,20 @@ class SealArgs(ctypes.Structure):
     ]
 
 
+class UnpackArgs(ctypes.Structure):
+    """Mirror of `struct UnpackArgs` in cpu_unpack.cpp, field by field."""
+
+    _fields_ = [
+        ("layout", ctypes.c_int64 * LAYOUT_NUMBERS),
+        ("codebooks", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("head_size", "num_kv_heads", "num_pages")),
+        ("pages", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("page_stride", "num_blocks")),
+        *((name, ctypes.c_void_p) for name in ("block_ids", "rows", "out_key", "out_value")),
+        *((name, ctypes.c_int64) for name in ("num_rows", "force_scalar", "num_threads")),
+    ]
+
+
 class QerrArgs(ctypes.Structure):
     """Mirror of `struct QerrArgs` in cpu_qerr.cpp, field by field."""
 
@@ -209,29 +225,38 @@ _QUANT_ERRORS = {
     6: f"rotated values beyond +-{MAX_ROTATED_ABS:g} cannot be stored in a quantized record "
     "(fp16 scale); store them at 16 bits",
 }
+# cpu_unpack.cpp's status codes (nothing is written on any of them)
+_UNPACK_ERRORS = {
+    1: (ValueError, "inconsistent arguments"),
+    2: (RuntimeError, "a page's bit map is corrupt (a nibble that is no precision code, or past the page)"),
+    3: (ValueError, "block_ids must be rows of pages, out_rows distinct rows of out_key/out_value"),
+}
 
 
 class Kernel:
-    """The loaded library: `run(args)`, `relative_errors(...)`, `seal(args)` and `has_avx512()`."""
+    """The loaded library: `run(args)`, `relative_errors(...)`, `seal(args)`, `unpack(args)` and
+    `has_avx512()`."""
 
     def __init__(self, path: str):
         self.path = path
         self._lib = ctypes.CDLL(path)
         self._lib.adakv_paged_attention.argtypes = [ctypes.POINTER(DecodeArgs)]
         self._lib.adakv_paged_attention.restype = ctypes.c_int
-        self._lib.adakv_args_size.restype = ctypes.c_int64
         self._lib.adakv_relative_errors.argtypes = [ctypes.POINTER(QerrArgs)]
         self._lib.adakv_relative_errors.restype = ctypes.c_int
         self._lib.adakv_seal.argtypes = [ctypes.POINTER(SealArgs)]
         self._lib.adakv_seal.restype = ctypes.c_int
-        for sizer in ("adakv_seal_args_size", "adakv_qerr_args_size", "adakv_codebooks_size"):
-            getattr(self._lib, sizer).restype = ctypes.c_int64
-        for sizer, mirror in (
+        self._lib.adakv_unpack.argtypes = [ctypes.POINTER(UnpackArgs)]
+        self._lib.adakv_unpack.restype = ctypes.c_int
+        mirrors = (
             ("adakv_args_size", DecodeArgs),
             ("adakv_seal_args_size", SealArgs),
+            ("adakv_unpack_args_size", UnpackArgs),
             ("adakv_qerr_args_size", QerrArgs),
             ("adakv_codebooks_size", Codebooks),
-        ):
+        )
+        for sizer, mirror in mirrors:
+            getattr(self._lib, sizer).restype = ctypes.c_int64
             if getattr(self._lib, sizer)() != ctypes.sizeof(mirror):
                 raise RuntimeError(
                     f"{path}: {sizer} does not match library.py's {mirror.__name__} (stale build?)"
@@ -248,6 +273,13 @@ class Kernel:
         status = self._lib.adakv_seal(ctypes.byref(args))
         if status:
             raise ValueError(_QUANT_ERRORS.get(status, f"AdaKV seal: status {status}"))
+
+    def unpack(self, args: UnpackArgs) -> None:
+        """Decode pages (see decode_pages); ValueError on arguments, RuntimeError on a corrupt page."""
+        status = self._lib.adakv_unpack(ctypes.byref(args))
+        if status:
+            error, message = _UNPACK_ERRORS.get(status, (RuntimeError, f"AdaKV unpack: status {status}"))
+            raise error(message)
 
     def has_avx512(self) -> bool:
         return bool(self._lib.adakv_has_avx512())
@@ -422,7 +454,8 @@ def _warn_fallback(error: Exception) -> None:
 @functools.cache
 def _warn_torch_fallback(error: Exception) -> None:
     logger.warning(
-        "the compiled CPU library is unavailable (%r); sealing pages (~50x) and the per-token "
-        "quantization-error feature (~80x) run in torch instead, which is slower",
+        "the compiled CPU library is unavailable (%r); sealing pages (~50x), decoding them for the "
+        "scratch path and the per-token quantization-error feature (~80x) run in torch instead, "
+        "which is slower",
         error,
     )

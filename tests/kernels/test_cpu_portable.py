@@ -1,8 +1,9 @@
 """The compiled library built for a CPU without AVX-512, BMI2 or FMA (-march=x86-64-v2): the portable
-branches of csrc/cpu_quant.h (the seal's and the feature's vector helpers) and the decode kernel's
-scalar path, against the same oracles as the native build. The machine's own build covers the
-AVX-512 branches (test_cpu_seal.py, test_cpu_qerr.py, test_cpu_decode.py); this module builds once
-more (some seconds) into its own cache folder."""
+branches of csrc/cpu_quant.h (the seal's and the feature's vector helpers), the decode kernel's
+scalar path and the page decoder's portable path, against the same oracles as the native build. The
+machine's own build covers the AVX-512 branches (test_cpu_seal.py, test_cpu_qerr.py,
+test_cpu_decode.py, test_cpu_unpack.py); this module builds once more (some seconds) into its own
+cache folder."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from adakv_vllm.quant.reference import relative_errors
 from tests.kernels import test_cpu_decode as decode_tests
 from tests.kernels import test_cpu_qerr as qerr_tests
 from tests.kernels import test_cpu_seal as seal_tests
+from tests.kernels import test_cpu_unpack as unpack_tests
 
 PORTABLE_CFLAGS = ("-O3", "-march=x86-64-v2", "-fopenmp", "-ffp-contract=off")
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="an x86-64 baseline build")
@@ -65,3 +67,16 @@ def test_portable_decode_matches_the_oracle(portable):
     owned = int(args["query_start_loc"][-1])
     rtol, atol = decode_tests.TOLERANCES[case.query_dtype]
     torch.testing.assert_close(out[:owned], expected[:owned], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("head_size, group_size", [(80, 16), (128, 32)])
+def test_portable_unpack_equals_the_codec(portable, dtype, head_size, group_size):
+    case = seal_tests.Case(
+        "portable", block_size=16, num_kv_heads=2, head_size=head_size, group_size=group_size
+    )
+    storage, rows, codec = unpack_tests._strided_pages(case, dtype, 4, seed=head_size)
+    pages = storage[:, : codec.layout.page_bytes]
+    key, value = cpu.decode_pages(pages, rows, codec.layout, dtype, portable)
+    expected_key, expected_value = unpack_tests._expected(codec, pages, rows)
+    assert torch.equal(key, expected_key) and torch.equal(value, expected_value)
