@@ -260,17 +260,30 @@ class KVStore:
 
     # ---- reads ----------------------------------------------------------------------------------
     def gather(self, layer: int, block_ids: torch.Tensor):
-        """block_ids: [n] int64 -> key, value [n, block_size, num_kv_heads, head_size] in the model dtype."""
+        """block_ids: [n] int64 -> key, value [n, block_size, num_kv_heads, head_size] in the model dtype.
+
+        Sealed blocks are decoded by the compiled page decoder of kernels/cpu.py, straight into their
+        rows, where it builds, else by the torch codec (its oracle): the same bits. Open blocks are
+        copied from staging."""
         n, bs = block_ids.numel(), self.layout.block_size
         h, d = self.layout.num_kv_heads, self.layout.record.head_size
         key = torch.empty(n, bs, h, d, dtype=self.dtype)
         value = torch.empty_like(key)
         sealed = self.sealed[block_ids]
-        if sealed.any():
-            k, v, _, _ = self.codec.decode(self.pages[layer][block_ids[sealed]])
-            key[sealed], value[sealed] = k.to(self.dtype), v.to(self.dtype)
-        if (~sealed).any():
-            key[~sealed], value[~sealed] = self.staging.read(layer, block_ids[~sealed])
+        rows = sealed.nonzero().squeeze(1)  # [s] rows of key/value that sealed blocks fill
+        if rows.numel():
+            module = library.load()
+            if module is not None:
+                cpu.decode_pages(
+                    self.pages[layer], block_ids[rows], self.layout, self.dtype, module,
+                    out_key=key, out_value=value, out_rows=rows,
+                )  # fmt: skip
+            else:
+                k, v, _, _ = self.codec.decode(self.pages[layer][block_ids[rows]])
+                key[rows], value[rows] = k.to(self.dtype), v.to(self.dtype)
+        if rows.numel() < n:
+            open_ = (~sealed).nonzero().squeeze(1)
+            key[open_], value[open_] = self.staging.read(layer, block_ids[open_])
         return key, value
 
     def count_reads(

@@ -1,6 +1,6 @@
 """The compiled page decoder (kernels/csrc/cpu_unpack.cpp) against its oracle PageCodec.decode,
 converted to the storage dtype as KVStore.gather does: the same bits (torch.equal), on both paths
-(AVX-512 and the portable one, force_scalar)."""
+(AVX-512 and the portable one, force_scalar), and the store's gather with and without the library."""
 
 from __future__ import annotations
 
@@ -173,3 +173,17 @@ def test_a_corrupt_bit_map_is_an_error_before_anything_is_written(module):
             over, rows, codec.layout, torch.bfloat16, module, out_key=out_key, out_value=out_value
         )
     assert (out_key == 5).all() and (out_value == 5).all()
+
+
+def test_store_gather_with_the_kernel_equals_the_torch_codec(monkeypatch):
+    """Sealed blocks (strided page rows, mixed bits) and an open one, in a shuffled order."""
+    assert library.load() is not None
+    store = seal_tests._sealed_store()  # blocks 7, 2, 9, 0, 4 sealed; 5 open
+    block_ids = torch.tensor([4, 5, 9, 0, 7, 2])
+    compiled = [store.gather(layer, block_ids) for layer in range(store.num_layers)]
+    monkeypatch.setattr(library, "load", lambda: None)  # no compiler here: the torch codec
+    for layer, (key, value) in enumerate(compiled):
+        expected_key, expected_value = store.gather(layer, block_ids)
+        assert key.dtype == torch.bfloat16 and key.shape == (6, 16, 3, 64)
+        assert torch.equal(key, expected_key) and torch.equal(value, expected_value)
+    assert torch.equal(store.gather(1, block_ids[1:2])[0], compiled[1][0][1:2])  # the open block: staging
