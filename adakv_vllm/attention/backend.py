@@ -83,7 +83,6 @@ class AdaKVAttentionImpl(CPUAttentionBackendImpl):
         )
         # Resolved (and JIT-built on first use on this machine) now, not in the first decode step.
         self._fused = library.fused_kernel() if plain else None
-        _request_amx()
 
     def _index(self, layer) -> int:
         if self._layer_index is None:
@@ -246,15 +245,6 @@ def scheduler_metadata(
         isa=isa,
         enable_kv_split=vllm_envs.VLLM_CPU_ATTN_SPLIT_KV,
     )
-
-
-@functools.cache
-def _request_amx() -> None:
-    """vLLM picks its AMX attention kernel (the scratch path) where the CPU has AMX tiles, but Linux
-    lets a process use them only after asking (arch_prctl): stock engines happen to ask first, through
-    oneDNN's bf16 matmuls; ask here so the scratch path never depends on what ran before it."""
-    if torch.cpu._is_amx_tile_supported():
-        torch.cpu._init_amx()
 
 
 @functools.cache

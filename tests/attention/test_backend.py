@@ -36,6 +36,12 @@ MIXED = [(700, 1), (300, 300), (1500, 1), (520, 37), (40, 1)]
 def impl():
     if library.fused_kernel() is None:
         pytest.skip("the fused CPU kernel does not build here")
+    # vLLM picks its AMX kernel for the scratch path where the CPU has AMX tiles; Linux lets a process
+    # use them only after asking (arch_prctl). An engine has asked by the time attention runs (its
+    # bf16 matmuls); this bare test asks itself. The plugin must not ask earlier than stock vLLM
+    # would: that switches oneDNN's matmuls to AMX and changes stock's numerics (16 bits != stock).
+    if torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()
     config = types.SimpleNamespace(
         model_config=types.SimpleNamespace(dtype=DTYPE),
         parallel_config=types.SimpleNamespace(decode_context_parallel_size=1),
