@@ -10,6 +10,8 @@ side on the same query:
   fused    kernels/cpu.py over the packed pages (ADAKV_CPU_ATTENTION=fused)
   scratch  backend.gather_scratch + vLLM's CPU kernel, exactly as AdaKVAttentionImpl.forward does
   stock    CPUAttentionBackendImpl.forward over a bf16 cache of the same shape (stock vLLM)
+With --torch-decoder, a fourth column times the scratch path with the torch page decoder (what
+KVStore.gather falls back to without the compiled library), beside the compiled one.
 Each path cycles over `--layers` distinct copies of its cache (like a real step walks 30 layers), so
 reads come from DRAM rather than a warm L3. Figures are medians of interleaved repeats (shared,
 noisy machine); ratios > 1 mean the fused kernel is faster.
@@ -22,6 +24,7 @@ import dataclasses
 import statistics
 import time
 import types
+from unittest import mock
 
 import torch
 from vllm import _custom_ops as ops
@@ -93,7 +96,14 @@ def stock_impl() -> CPUAttentionBackendImpl:
 
 
 def run_case(
-    batch: int, context: int, bits: int, layers: int, fused_module, min_time: float, q_len: int = 1
+    batch: int,
+    context: int,
+    bits: int,
+    layers: int,
+    fused_module,
+    min_time: float,
+    q_len: int = 1,
+    torch_decoder: bool = False,
 ) -> dict:
     gen = torch.Generator().manual_seed(0)
     bs, h, d = BLOCK_SIZE, NUM_KV_HEADS, HEAD_SIZE
@@ -147,7 +157,13 @@ def run_case(
     def stock(i):
         impl.forward(layer, query, None, None, caches[i % layers], md, output)
 
+    def scratch_torch(i):  # KVStore.gather decodes pages with PageCodec, as without a compiler
+        with mock.patch.object(library, "load", lambda: None):
+            scratch(i)
+
     paths = {"fused": fused, "scratch": scratch, "stock": stock}
+    if torch_decoder:
+        paths["scratch_torch"] = scratch_torch
     # One thread runs every path in this thread: count its CPU time, which other processes on a
     # shared machine do not inflate. Several threads: wall time.
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
@@ -181,9 +197,18 @@ def main() -> None:
         "--query-len", type=int, default=1, help="query tokens per sequence (1: decode; >1: a prefill chunk)"
     )
     parser.add_argument("--quick", action="store_true", help="batch 16, context 4096, 4 bits only")
+    parser.add_argument(
+        "--torch-decoder",
+        action="store_true",
+        help="also time the scratch path with the torch page decoder (the fallback without a compiler)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # vLLM's AMX kernel (scratch and stock paths) runs only once Linux granted AMX tiles, which the
+    # AdaKV backend asks for when it is built (backend._request_amx); this benchmark builds none
+    if torch.cpu._is_amx_tile_supported():
+        torch.cpu._init_amx()
     if args.quick:
         args.batch, args.context, args.bits = [16], [4096], [4]
     module = library.build()
@@ -192,15 +217,26 @@ def main() -> None:
         f"threads={torch.get_num_threads()} ({clock}) avx512={module.has_avx512()} layers={args.layers} "
         f"query_len={args.query_len}"
     )
+    torch_column = f" {'scr+torch':>9}" if args.torch_decoder else ""
     print(
-        f"{'batch':>5} {'ctx':>5} {'bits':>4} | {'fused':>8} {'scratch':>8} {'stock':>8} ms | "
+        f"{'batch':>5} {'ctx':>5} {'bits':>4} | {'fused':>8} {'scratch':>8} {'stock':>8}{torch_column} ms | "
         f"{'stock/fused':>11} {'scratch/fused':>13}"
     )
     for batch in args.batch:
         for context in args.context:
             for bits in args.bits:
-                r = run_case(batch, context, bits, args.layers, module, args.min_time, args.query_len)
-                times = f"{r['fused']:8.3f} {r['scratch']:8.3f} {r['stock']:8.3f} ms"
+                r = run_case(
+                    batch,
+                    context,
+                    bits,
+                    args.layers,
+                    module,
+                    args.min_time,
+                    args.query_len,
+                    args.torch_decoder,
+                )
+                times = f"{r['fused']:8.3f} {r['scratch']:8.3f} {r['stock']:8.3f}"
+                times += f" {r['scratch_torch']:9.3f} ms" if args.torch_decoder else " ms"
                 ratios = f"{r['stock'] / r['fused']:11.2f} {r['scratch'] / r['fused']:13.2f}"
                 print(f"{batch:>5} {context:>5} {bits:>4} | {times} | {ratios}", flush=True)
 
