@@ -205,8 +205,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    # vLLM's AMX kernel (scratch and stock paths) runs only once Linux granted AMX tiles, which the
-    # AdaKV backend asks for when it is built (backend._request_amx); this benchmark builds none
+    # vLLM's AMX kernel (scratch and stock paths) runs only once Linux granted AMX tiles, which an
+    # engine's first bf16 matmul (oneDNN) has asked for by the time attention runs; here none ran
     if torch.cpu._is_amx_tile_supported():
         torch.cpu._init_amx()
     if args.quick:
