@@ -51,7 +51,8 @@ def block_attention(
         scores = torch.einsum("uqhgd,ukhd->uhgqk", qg, keys) * scale  # [U, Hkv, G, bs, bs]
         visible = positions[None, :] <= positions[:, None]  # [q, k]
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        probs = probs * present[:, None, None, :, None]
+        # rows of absent queries may have met keys never written (staging is not zeroed): NaN there
+        probs = torch.where(present[:, None, None, :, None], probs, 0.0)
         received = probs.sum((1, 2, 3))  # [U, bs]
         seen = (visible[None] & present[:, :, None]).sum(1).float() * num_heads  # [U, bs]
         return unique, received, seen

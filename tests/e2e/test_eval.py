@@ -36,11 +36,15 @@ def test_eval_reports_through_the_plugin(eval_dir):
     # 2-bit pages really are read: KL > 0 and most attention reads come from sealed pages
     assert min(wiki["static2"]["kl"]) > 0 and wiki["static2"]["quantized_reads"] > 0.5
     assert wiki["static2"]["ppl"] > wiki["bf16"]["ppl"]
-    assert results["static2"]["avg_bits"] == 2.0 and 2.5 <= results["rule3"]["avg_bits"] <= 3.0
+    # code bits: pages are whole bytes per (head, token) in vLLM's spec, the rounding slack goes to values
+    assert results["static2"]["avg_bits"] == 2.0 and 2.5 <= results["rule3"]["avg_bits"] <= 3.1
+    # the capacity counts scales and bit map: 2-bit codes with one fp16 scale per 64 cost 2.25+ bits
+    assert 2.25 < results["static2"]["capacity"]["bits_per_element"] < 2.4
     arc = results["rule3"]["results"]["arc_easy"]
     assert arc["n"] == ARC_LIMIT and len(arc["acc"]) == ARC_LIMIT and arc["quantized_reads"] > 0
     table = (out / "results.md").read_text()
-    assert "| static2 | 2.00 |" in table and "quantized reads" in table
+    row = next(line for line in table.splitlines() if line.startswith("| static2 |"))
+    assert "x | 2.3" in row and "| 2.00 |" in row and "quantized reads" in table
     assert (out / "wikitext.png").stat().st_size > 0 and (out / "arc_easy.png").stat().st_size > 0
 
 

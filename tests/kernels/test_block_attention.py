@@ -51,3 +51,14 @@ def test_nothing_written():
         torch.tensor([-1, -1]), BS, 1.0,
     )  # fmt: skip
     assert unique.numel() == 0 and received.shape == (0, BS)
+
+
+def test_unwritten_staging_never_leaks_into_the_sums():
+    """Staging is allocated uninitialised: positions a block has not reached may hold NaN."""
+    query, key, slot_of_block, mapping = _case(CASES["prefill"], seed=3)
+    key[int(slot_of_block[5]), 3:] = float("nan")  # block 5 holds 3 tokens so far
+    unique, received, seen = block_attention(query, key, slot_of_block, mapping, BS, 0.3)
+    assert torch.isfinite(received).all() and torch.isfinite(seen).all()
+    expected = block_attention_ref(query, key, slot_of_block, mapping, BS, 0.3)
+    for i, slot in enumerate(unique.tolist()):
+        torch.testing.assert_close(received[i], expected[slot][0], rtol=1e-5, atol=1e-6)
