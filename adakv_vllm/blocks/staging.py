@@ -44,15 +44,18 @@ def step_limits(
 ) -> tuple[int, int]:
     """-> (token budget, new requests allowed) for the next step, so that its writes fit `reserve`.
 
-    A step's open blocks are at most: one per running request (its partial block), plus for every
-    scheduled prefill chunk of n tokens ceil(n / block_size) + 1 new ones (the +1 twice for a newly
-    admitted request, which also holds its own partial block), so with T tokens and A admissions
-        num_running + num_prefilling + 2 A + T / block_size + 1 <= reserve.
-    A quarter of the free slots may go to admissions; the rest sizes the chunks. At least one block
-    of tokens is always granted, so running requests keep decoding."""
+    A running request holds at most its partial block; a decode writes into it (or, at a block
+    boundary, into one new block after its full one sealed). A prefill chunk of n tokens touches at
+    most ceil(n / block_size) blocks from where it starts: at most n / block_size + 1 beyond the
+    partial one a running request holds, and for a new request, which starts at a block boundary,
+    at most n / block_size + 1 in all. With T tokens and A admissions, a step needs at most
+        num_running + num_prefilling + A + T / block_size
+    slots, and the limits keep that within the reserve (with one slot to spare). Half the free slots
+    may go to admissions; the rest sizes the chunks. At least one block of tokens is always granted,
+    so running requests keep decoding."""
     free = reserve - num_running - num_prefilling - 1
-    admit = max(0, min(max_admit, free // 4))
-    tokens = block_size * (free - 2 * admit)
+    admit = max(0, min(max_admit, free // 2))
+    tokens = block_size * (free - admit)
     return max(block_size, min(max_tokens, tokens)), admit
 
 
