@@ -22,12 +22,11 @@ import logging
 import torch
 
 from adakv_vllm.blocks.staging import StagingArea, WritePlan
-from adakv_vllm.controller.features import QERR_BITS
+from adakv_vllm.controller.features import QERR_PRECISIONS
 from adakv_vllm.kernels import cpu, library
 from adakv_vllm.kernels.block_attention import block_attention
 from adakv_vllm.kernels.page_codec import PageCodec
 from adakv_vllm.quant import format as fmt
-from adakv_vllm.quant.precision import Precision
 from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, relative_errors
 
 logger = logging.getLogger("vllm.adakv.store")
@@ -36,17 +35,14 @@ logger = logging.getLogger("vllm.adakv.store")
 # exceeds sqrt(2) times the row's norm (rotation.py), which keeps it within MAX_ROTATED_ABS.
 MAX_ROW_NORM = MAX_QUANTIZED_ABS / 2
 
-# The precisions whose reconstruction error is reported as a feature (the controller's contract).
-FEATURE_PRECISIONS = tuple(Precision(bits) for bits in QERR_BITS)
-
 
 def _relative_errors(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x: [T, H, D] -> [T, len(FEATURE_PRECISIONS)]: the compiled kernel (built once, on first use),
+    """x: [T, H, D] -> [T, len(QERR_PRECISIONS)]: the compiled kernel (built once, on first use),
     else its torch oracle."""
     module = library.load()
     if module is None:
-        return relative_errors(x, FEATURE_PRECISIONS, group_size)
-    return cpu.relative_errors(x, FEATURE_PRECISIONS, group_size, module)
+        return relative_errors(x, QERR_PRECISIONS, group_size)
+    return cpu.relative_errors(x, QERR_PRECISIONS, group_size, module)
 
 
 class KVStore:

@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from adakv_vllm.quant.precision import Precision
+
 FEATURE_NAMES: tuple[str, ...] = (
     "log_qerr2",
     "log_qerr3",
@@ -47,6 +49,7 @@ FEATURE_NAMES: tuple[str, ...] = (
 # The precisions whose reconstruction error the worker measures for every written token (the
 # log_qerr features, in this order); 16 bits has none.
 QERR_BITS: tuple[int, ...] = (2, 3, 4, 8)
+QERR_PRECISIONS: tuple[Precision, ...] = tuple(Precision(bits) for bits in QERR_BITS)
 NUM_QERR = len(QERR_BITS)
 MAX_POSITION = 8192
 LOG_QERR_RANGE = (-12.0, 2.0)

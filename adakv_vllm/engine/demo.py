@@ -12,7 +12,7 @@ import os
 
 from adakv_vllm.model_store import resolve_model
 from adakv_vllm.quant.format import RecordLayout
-from adakv_vllm.quant.precision import PRECISIONS
+from adakv_vllm.quant.precision import PRECISIONS, mean_code_bits
 
 LONG_CONTEXT = (
     "The Amazon rainforest covers much of the Amazon basin of South America. The basin spans seven "
@@ -68,8 +68,7 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"  {part}:")
         for p, count in zip(PRECISIONS, hist, strict=True):
             print(f"    {p.bits:>2} bits: {count:>6} tokens {'#' * round(40 * count / total)}")
-        mean = sum(p.bits * c for p, c in zip(PRECISIONS, hist, strict=True)) / total
-        print(f"    average {mean:.2f} code bits over {sum(hist)} sealed tokens")
+        print(f"    average {mean_code_bits(hist):.2f} code bits over {sum(hist)} sealed tokens")
 
     cap, page = scheduler.capacity_report(), scheduler.page_capacity()
     print(

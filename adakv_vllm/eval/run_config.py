@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from adakv_vllm.quant.precision import PRECISIONS
+from adakv_vllm.quant.precision import mean_code_bits
 
 # The same engine settings for every config (stock ones included), so differences are the cache's.
 # Scored prompts are prefilled one block per request per step, so their queries read earlier blocks
@@ -107,9 +107,7 @@ def _average_bits(llm, uses_pages: bool, nominal_bits: float) -> float:
     precision). Scales and the bit map are not in it: `capacity` counts them."""
     if not uses_pages:
         return nominal_bits
-    hist = llm.llm_engine.engine_core.engine_core.scheduler.bits_histogram.sum(0).tolist()
-    total = sum(hist)
-    return sum(p.bits * c for p, c in zip(PRECISIONS, hist, strict=True)) / total if total else float("nan")
+    return mean_code_bits(llm.llm_engine.engine_core.engine_core.scheduler.bits_histogram.sum(0).tolist())
 
 
 def capacity(llm, uses_pages: bool, nominal_bits: float) -> dict:

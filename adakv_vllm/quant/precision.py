@@ -61,3 +61,11 @@ PRECISIONS: tuple[Precision, ...] = (
 )
 ALL_BITS: tuple[int, ...] = tuple(p.bits for p in PRECISIONS)
 _CODES = {p: i for i, p in enumerate(PRECISIONS)}
+
+
+def mean_code_bits(histogram: list[int]) -> float:
+    """Average code bits of the records counted per precision (in PRECISIONS order); NaN if none."""
+    total = sum(histogram)
+    if not total:
+        return float("nan")
+    return sum(p.bits * count for p, count in zip(PRECISIONS, histogram, strict=True)) / total

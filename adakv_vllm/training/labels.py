@@ -32,14 +32,13 @@ import dataclasses
 import torch
 from tqdm import tqdm
 
-from adakv_vllm.controller.features import QERR_BITS
+from adakv_vllm.controller.features import QERR_BITS, QERR_PRECISIONS
 from adakv_vllm.kernels import cpu, library
 from adakv_vllm.quant.precision import Precision
 from adakv_vllm.quant.reference import relative_errors, stored_kv
 from adakv_vllm.training.forward import BLOCK_SIZE
 
 LABEL_BITS = QERR_BITS  # the precisions labelled (s_16 = 0 is appended by training/fit.py)
-FEATURE_PRECISIONS = tuple(Precision(bits) for bits in QERR_BITS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +107,8 @@ def _relative_errors(x: torch.Tensor, group_size: int) -> torch.Tensor:
     else by the oracle, quant.reference.relative_errors."""
     module = library.load()
     if module is None:
-        return relative_errors(x, FEATURE_PRECISIONS, group_size)
-    return cpu.relative_errors(x, FEATURE_PRECISIONS, group_size, module)
+        return relative_errors(x, QERR_PRECISIONS, group_size)
+    return cpu.relative_errors(x, QERR_PRECISIONS, group_size, module)
 
 
 @torch.no_grad()
