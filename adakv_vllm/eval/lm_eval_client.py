@@ -92,6 +92,11 @@ def main() -> None:
     args = parser.parse_args()
     print("LM-EVAL-RESULT " + json.dumps(run(args.limit, args.adakv, args.model)))
     sys.stdout.flush()
+    sys.stderr.flush()
+    # lm-eval drops its in-process vLLM engine without shutting it down; in CI the interpreter's
+    # teardown then aborted ("terminate called without an active exception", SIGABRT) after the
+    # result above was complete and printed. Nothing is left to clean up that the OS does not.
+    os._exit(0)
 
 
 if __name__ == "__main__":
