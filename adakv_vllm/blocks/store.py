@@ -23,8 +23,7 @@ import torch
 
 from adakv_vllm.blocks.staging import StagingArea, WritePlan
 from adakv_vllm.controller.features import QERR_PRECISIONS
-from adakv_vllm.kernels import cpu, library
-from adakv_vllm.kernels.block_attention import block_attention
+from adakv_vllm.kernels import block_attention, cpu, library
 from adakv_vllm.kernels.page_codec import PageCodec
 from adakv_vllm.quant import format as fmt
 from adakv_vllm.quant.reference import MAX_QUANTIZED_ABS, relative_errors
@@ -65,6 +64,7 @@ class KVStore:
         self._written: torch.Tensor | None = None  # [T] slots written this step
         self._features: dict[str, torch.Tensor] | None = None
         self._plan: tuple[torch.Tensor, WritePlan] | None = None  # this step's slot_mapping and plan
+        self._located: tuple[torch.Tensor, block_attention.BlockQueries | None] | None = None  # the same
         # Attention token-reads (query x visible key) served from sealed pages vs in all; layer 0.
         self.sealed_reads = 0
         self.total_reads = 0
@@ -87,6 +87,7 @@ class KVStore:
         self._written = None
         self._features = None
         self._plan = None
+        self._located = None
 
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """slot_mapping: [T] int64 (-1 = padding); key, value: [T, num_kv_heads, head_size]."""
@@ -135,13 +136,23 @@ class KVStore:
     # ---- attention inside open blocks ---------------------------------------------------------
     def observe_attention(self, query: torch.Tensor, slot_mapping: torch.Tensor, scale: float, layer: int):
         """Accumulate the attention this step's queries ([T, num_heads, head_size]) pay to the staged
-        tokens of their own blocks (kernels/block_attention.py), for one layer."""
+        tokens of their own blocks (kernels/block_attention.py), for one layer. Where the queries
+        sit is located once per step (every layer of a step has the same slot mapping)."""
         staging = self.staging
-        slots, received, seen = block_attention(
-            query, staging.key[layer], staging.slot_of_block, slot_mapping, self.layout.block_size, scale
-        )
-        staging.received.index_add_(0, slots, received)
-        staging.seen.index_add_(0, slots, seen)
+        cached = self._located
+        if cached is None or not (
+            cached[0].shape == slot_mapping.shape and torch.equal(cached[0], slot_mapping)
+        ):
+            where = block_attention.locate(
+                staging.slot_of_block, slot_mapping, self.layout.block_size, query.shape[1]
+            )
+            cached = self._located = (slot_mapping.clone(), where)
+        where = cached[1]
+        if where is None:
+            return
+        received = block_attention.attend(query, staging.key[layer], where, scale)
+        staging.received.index_add_(0, where.unique, received)
+        staging.seen.index_add_(0, where.unique, where.seen)
 
     def completed_attention(self) -> dict[int, list[float]]:
         """{block id: [block_size] mean attention received} for the blocks this step filled (their
@@ -198,7 +209,7 @@ class KVStore:
             self._encode(block_ids, key_bits, value_bits)
         self.sealed[block_ids] = True
         self.sealed_total += int(block_ids.numel())
-        self._plan = None  # it may name the released slots
+        self._plan = self._located = None  # they may name the released slots
         self.staging.release(block_ids.tolist())
         return unstaged
 
@@ -251,7 +262,7 @@ class KVStore:
             )
 
     def release(self, block_ids) -> None:
-        self._plan = None  # it may name the released slots
+        self._plan = self._located = None  # they may name the released slots
         self.staging.release(block_ids)
 
     # ---- reads ----------------------------------------------------------------------------------

@@ -229,3 +229,34 @@ def test_attention_inside_open_blocks_is_reported_when_a_block_fills():
     assert ((attention > 0) & (attention <= 1)).all()
     store.begin_step()
     assert make_store().completed_attention() == {}  # not tracked: nothing measured or reported
+
+
+def test_attention_located_once_per_step_equals_each_layer_on_its_own(monkeypatch):
+    """observe_attention locates the step's queries once and reuses it for every layer: the sums
+    equal those of block_attention called per layer (prefill- and decode-shaped steps)."""
+    from adakv_vllm.kernels import block_attention as ba
+
+    store = make_store(track_attention=True)
+    calls = []
+    locate = ba.locate
+    monkeypatch.setattr(ba, "locate", lambda *a: calls.append(1) or locate(*a))
+    gen = torch.Generator().manual_seed(1)
+    expected_received = torch.zeros_like(store.staging.received)
+    expected_seen = torch.zeros_like(store.staging.seen)
+    steps = ([2 * BS + i for i in range(12)] + [5 * BS + i for i in range(4)], [2 * BS + 12, 5 * BS + 4])
+    for step, slots in enumerate(steps):
+        store.begin_step()
+        write_tokens(store, slots, seed=step)
+        mapping = torch.tensor(slots + [-1])  # a padding row too
+        for layer in range(LAYERS):
+            query = torch.randn(len(slots) + 1, 6, D, generator=gen)
+            store.observe_attention(query, mapping, 0.125, layer)
+            unique, received, seen = ba.block_attention(
+                query, store.staging.key[layer], store.staging.slot_of_block, mapping, BS, 0.125
+            )
+            expected_received.index_add_(0, unique, received)
+            expected_seen.index_add_(0, unique, seen)
+        # the store located once per step; block_attention (the per-layer form) once per call
+        assert len(calls) == (step + 1) * (1 + LAYERS)
+    assert torch.allclose(store.staging.received, expected_received)
+    assert torch.equal(store.staging.seen, expected_seen)
