@@ -99,6 +99,9 @@ def _inspect(llm, decisions: dict[int, list[int]]) -> dict:
         "used_bytes": used,
         "page_bytes": store.layout.page_bytes,
         "bits_histogram": scheduler.bits_histogram.tolist(),
+        "capacity": scheduler.capacity_report(),
+        "page_capacity": scheduler.page_capacity(),
+        "staging_peak": store.staging.peak,
     }
 
 
