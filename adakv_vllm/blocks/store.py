@@ -136,8 +136,9 @@ class KVStore:
     # ---- attention inside open blocks ---------------------------------------------------------
     def observe_attention(self, query: torch.Tensor, slot_mapping: torch.Tensor, scale: float, layer: int):
         """Accumulate the attention this step's queries ([T, num_heads, head_size]) pay to the staged
-        tokens of their own blocks (kernels/block_attention.py), for one layer. Where the queries
-        sit is located once per step (every layer of a step has the same slot mapping)."""
+        tokens of their own blocks (kernels/block_attention.py), for one layer: by the compiled kernel
+        of kernels/cpu.py where it builds, else by its torch oracle. Where the queries sit is
+        located once per step (every layer of a step has the same slot mapping)."""
         staging = self.staging
         cached = self._located
         if cached is None or not (
@@ -150,8 +151,22 @@ class KVStore:
         where = cached[1]
         if where is None:
             return
-        received = block_attention.attend(query, staging.key[layer], where, scale)
-        staging.received.index_add_(0, where.unique, received)
+        module = library.load()
+        if module is not None:  # the compiled kernel adds into `received` in place
+            cpu.block_attention(
+                query.to(staging.key.dtype),  # the same dtype in an engine
+                staging.key[layer],
+                where.rows,
+                where.staged,
+                where.offset,
+                scale,
+                staging.received,
+                module,
+            )
+        else:
+            staging.received.index_add_(
+                0, where.unique, block_attention.attend(query, staging.key[layer], where, scale)
+            )
         staging.seen.index_add_(0, where.unique, where.seen)
 
     def completed_attention(self) -> dict[int, list[float]]:

@@ -12,7 +12,8 @@ allocate bits as well as the attention from the whole context does.
         -> (staging slots [U], received [U, block_size], seen [U, block_size])
 
 The part that depends only on the step's slots (which blocks, where each query sits, the masks and
-`seen`) is `locate`, computed once per step; `attend` is the per-layer part.
+`seen`) is `locate`, computed once per step; `attend` is the per-layer part, and the oracle of the
+compiled kernel the store uses where the library builds (csrc/cpu_block_attn.cpp, kernels/cpu.py).
 
 Two shapes of the same computation: a prefill step has many queries per block, so queries are laid
 out per block and multiplied with the block's keys at once; a decode step has one query per block,
@@ -32,6 +33,8 @@ class BlockQueries:
     store computes it once per step (`locate`) and every layer's `attend` reuses it."""
 
     valid: torch.Tensor  # [T] bool, rows of the step that write a slot
+    rows: torch.Tensor  # [V] int64, their indices
+    staged: torch.Tensor  # [V] int64 staging slot of each valid query's block
     unique: torch.Tensor  # [U] int64 staging slots of the blocks the step writes
     inverse: torch.Tensor  # [V] row of `unique` of each valid query
     offset: torch.Tensor  # [V] position of each valid query in its block
@@ -49,16 +52,17 @@ def locate(slot_of_block, slot_mapping, block_size: int, num_heads: int) -> Bloc
     staged = slot_of_block[slots // block_size]  # [V]
     offset = slots % block_size  # [V]
     unique, inverse = torch.unique(staged, return_inverse=True)  # [U], [V]
+    rows = valid.nonzero().squeeze(1)
     positions = torch.arange(block_size)
     if slots.numel() * 4 >= unique.numel() * block_size:  # prefill-shaped: queries laid out per block
         present = torch.zeros(unique.numel(), block_size, dtype=torch.bool)
         present[inverse, offset] = True
         visible = positions[None, :] <= positions[:, None]  # [q, k]
         seen = (visible[None] & present[:, :, None]).sum(1).float() * num_heads  # [U, bs]
-        return BlockQueries(valid, unique, inverse, offset, visible, present, seen)
+        return BlockQueries(valid, rows, staged, unique, inverse, offset, visible, present, seen)
     visible = positions[None, :] <= offset[:, None]  # [V, bs]
     seen = torch.zeros(unique.numel(), block_size).index_add_(0, inverse, visible.float() * num_heads)
-    return BlockQueries(valid, unique, inverse, offset, visible, None, seen)
+    return BlockQueries(valid, rows, staged, unique, inverse, offset, visible, None, seen)
 
 
 def attend(query: torch.Tensor, staging_key: torch.Tensor, where: BlockQueries, scale: float) -> torch.Tensor:

@@ -32,6 +32,7 @@ from adakv_vllm.kernels.library import (
     LAYOUT_NUMBERS,
     MAX_CLIP_FACTORS,
     MAX_LEVELS,
+    BlockAttnArgs,
     Codebooks,
     DecodeArgs,
     Kernel,
@@ -444,3 +445,59 @@ def decode_pages(
     )
     (module if module is not None else build()).unpack(args)
     return out_key, out_value
+
+
+def block_attention(
+    query: torch.Tensor,
+    staging_key: torch.Tensor,
+    rows: torch.Tensor,
+    slots: torch.Tensor,
+    offsets: torch.Tensor,
+    scale: float,
+    received: torch.Tensor,
+    module: Kernel,
+) -> None:
+    """kernels/block_attention.attend (the oracle), fused, added into `received` in place.
+
+    query [T, num_heads, head_size] (each head's row contiguous); staging_key [num_slots, block_size,
+    num_kv_heads, head_size] contiguous, the same 16-bit dtype (or fp32); rows, slots, offsets [n]
+    int64: the query rows to use, the staging slot of each one's block and its position there;
+    received [num_slots, block_size] fp32 contiguous: received[slot, j] += the attention (summed
+    over query heads) that each query pays to position j <= its own of its block."""
+    if query.dim() != 3 or staging_key.dim() != 4 or query.shape[2] != staging_key.shape[3]:
+        raise ValueError(f"query {list(query.shape)} and staging_key {list(staging_key.shape)} do not match")
+    if query.dtype != staging_key.dtype or query.dtype not in DTYPE_CODES or query.stride(2) != 1:
+        raise ValueError(f"query ({query.dtype}) and staging_key ({staging_key.dtype}) need one dtype")
+    if not staging_key.is_contiguous():
+        raise ValueError("staging_key must be contiguous")
+    num_slots, block_size = staging_key.shape[:2]
+    if (
+        received.shape != (num_slots, block_size)
+        or received.dtype != torch.float32
+        or not received.is_contiguous()
+    ):
+        raise ValueError(
+            f"received must be [{num_slots}, {block_size}] fp32 contiguous, got {list(received.shape)}"
+        )
+    index = [t.to(torch.int64).contiguous() for t in (rows, slots, offsets)]
+    if not index[0].numel() == index[1].numel() == index[2].numel():
+        raise ValueError("rows, slots and offsets must have one length")
+    args = BlockAttnArgs(
+        query.data_ptr(),
+        query.shape[0],
+        query.stride(0),
+        query.stride(1),
+        staging_key.data_ptr(),
+        DTYPE_CODES[query.dtype],
+        num_slots,
+        block_size,
+        query.shape[1],
+        staging_key.shape[2],
+        query.shape[2],
+        *(t.data_ptr() for t in index),
+        index[0].numel(),
+        scale,
+        received.data_ptr(),
+        torch.get_num_threads(),
+    )
+    module.block_attention(args)

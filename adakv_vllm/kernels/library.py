@@ -2,7 +2,8 @@
 
 One shared library holds every compiled CPU kernel (csrc/): the fused paged attention
 (cpu_decode.cpp), the page encoder (cpu_seal.cpp), the page decoder of the scratch path
-(cpu_unpack.cpp) and the quantization-error feature (cpu_qerr.cpp);
+(cpu_unpack.cpp), the quantization-error feature (cpu_qerr.cpp) and the within-block attention
+of the `attention` policy (cpu_block_attn.cpp);
 csrc/cpu_quant.h holds the quantizer they share (rotation, codebooks, clip search), csrc/cpu_layout.h
 the page-format numbers read alike by reader and writer. Their launchers are in kernels/cpu.py.
 
@@ -61,7 +62,10 @@ logger = logging.getLogger("vllm.adakv.cpu")
 CSRC = Path(__file__).with_name("csrc")
 # One library: the fused decode attention, the store's quantization-error feature, page encoder and
 # page decoder.
-SOURCES = tuple(CSRC / name for name in ("cpu_decode.cpp", "cpu_qerr.cpp", "cpu_seal.cpp", "cpu_unpack.cpp"))
+SOURCES = tuple(
+    CSRC / name
+    for name in ("cpu_decode.cpp", "cpu_qerr.cpp", "cpu_seal.cpp", "cpu_unpack.cpp", "cpu_block_attn.cpp")
+)
 # part of the build key, not compiled alone
 HEADERS = tuple(CSRC / name for name in ("cpu_layout.h", "cpu_quant.h"))
 # -ffp-contract=off: no a*b+c is fused into an FMA behind the source's back, so every fp32 step of
@@ -212,6 +216,23 @@ class QerrArgs(ctypes.Structure):
     ]
 
 
+class BlockAttnArgs(ctypes.Structure):
+    """Mirror of `struct BlockAttnArgs` in cpu_block_attn.cpp, field by field."""
+
+    _fields_ = [
+        ("query", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("num_rows", "query_token_stride", "query_head_stride")),
+        ("key", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("dtype", "num_slots", "block_size", "num_heads")),
+        *((name, ctypes.c_int64) for name in ("num_kv_heads", "head_size")),
+        *((name, ctypes.c_void_p) for name in ("rows", "slots", "offsets")),
+        ("n", ctypes.c_int64),
+        ("scale", ctypes.c_double),
+        ("received", ctypes.c_void_p),
+        ("num_threads", ctypes.c_int64),
+    ]
+
+
 # the kernel's dtype codes (cpu_decode.cpp: enum Dtype)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _STATUS = {1: "inconsistent arguments", 2: "a page's bit map, a block id or a staging slot is out of range"}
@@ -234,8 +255,8 @@ _UNPACK_ERRORS = {
 
 
 class Kernel:
-    """The loaded library: `run(args)`, `relative_errors(...)`, `seal(args)`, `unpack(args)` and
-    `has_avx512()`."""
+    """The loaded library: `run(args)`, `relative_errors(...)`, `seal(args)`, `unpack(args)`,
+    `block_attention(args)` and `has_avx512()`."""
 
     def __init__(self, path: str):
         self.path = path
@@ -248,10 +269,13 @@ class Kernel:
         self._lib.adakv_seal.restype = ctypes.c_int
         self._lib.adakv_unpack.argtypes = [ctypes.POINTER(UnpackArgs)]
         self._lib.adakv_unpack.restype = ctypes.c_int
+        self._lib.adakv_block_attention.argtypes = [ctypes.POINTER(BlockAttnArgs)]
+        self._lib.adakv_block_attention.restype = ctypes.c_int
         mirrors = (
             ("adakv_args_size", DecodeArgs),
             ("adakv_seal_args_size", SealArgs),
             ("adakv_unpack_args_size", UnpackArgs),
+            ("adakv_block_attn_args_size", BlockAttnArgs),
             ("adakv_qerr_args_size", QerrArgs),
             ("adakv_codebooks_size", Codebooks),
         )
@@ -280,6 +304,12 @@ class Kernel:
         if status:
             error, message = _UNPACK_ERRORS.get(status, (RuntimeError, f"AdaKV unpack: status {status}"))
             raise error(message)
+
+    def block_attention(self, args: BlockAttnArgs) -> None:
+        """Within-block attention (see cpu.block_attention); ValueError on bad arguments."""
+        status = self._lib.adakv_block_attention(ctypes.byref(args))
+        if status:
+            raise ValueError(f"AdaKV block attention: {_STATUS.get(status, status)}")
 
     def has_avx512(self) -> bool:
         return bool(self._lib.adakv_has_avx512())

@@ -249,7 +249,7 @@ def test_attention_located_once_per_step_equals_each_layer_on_its_own(monkeypatc
         write_tokens(store, slots, seed=step)
         mapping = torch.tensor(slots + [-1])  # a padding row too
         for layer in range(LAYERS):
-            query = torch.randn(len(slots) + 1, 6, D, generator=gen)
+            query = torch.randn(len(slots) + 1, 6, D, generator=gen).bfloat16()  # the staging dtype
             store.observe_attention(query, mapping, 0.125, layer)
             unique, received, seen = ba.block_attention(
                 query, store.staging.key[layer], store.staging.slot_of_block, mapping, BS, 0.125
@@ -258,5 +258,28 @@ def test_attention_located_once_per_step_equals_each_layer_on_its_own(monkeypatc
             expected_seen.index_add_(0, unique, seen)
         # the store located once per step; block_attention (the per-layer form) once per call
         assert len(calls) == (step + 1) * (1 + LAYERS)
-    assert torch.allclose(store.staging.received, expected_received)
+    torch.testing.assert_close(store.staging.received, expected_received, rtol=1e-5, atol=1e-6)
     assert torch.equal(store.staging.seen, expected_seen)
+
+
+def test_attention_compiled_equals_the_torch_fallback(monkeypatch):
+    """The store measures with the compiled kernel where the library builds, else with attend."""
+    from adakv_vllm.kernels import library
+
+    def run():
+        store = make_store(track_attention=True)
+        gen = torch.Generator().manual_seed(3)
+        for step, slots in enumerate(([4 * BS + i for i in range(BS - 1)], [4 * BS + BS - 1])):
+            store.begin_step()
+            write_tokens(store, slots, seed=step)
+            for layer in range(LAYERS):
+                query = torch.randn(len(slots), 6, D, generator=gen).bfloat16()
+                store.observe_attention(query, torch.tensor(slots), 0.125, layer)
+        return store.completed_attention()
+
+    compiled = run()
+    assert library.load() is not None
+    monkeypatch.setattr(library, "load", lambda: None)
+    fallback = run()
+    assert compiled.keys() == fallback.keys() == {4}
+    torch.testing.assert_close(torch.tensor(compiled[4]), torch.tensor(fallback[4]), rtol=1e-5, atol=1e-6)

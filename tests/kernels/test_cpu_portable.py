@@ -80,3 +80,10 @@ def test_portable_unpack_equals_the_codec(portable, dtype, head_size, group_size
     key, value = cpu.decode_pages(pages, rows, codec.layout, dtype, portable)
     expected_key, expected_value = unpack_tests._expected(codec, pages, rows)
     assert torch.equal(key, expected_key) and torch.equal(value, expected_value)
+
+
+def test_portable_block_attention_matches_attend(portable):
+    from tests.kernels import test_cpu_block_attn as block_tests
+
+    got, expected = block_tests._both(*block_tests._case("mixed", torch.bfloat16, seed=5), portable)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
