@@ -1,0 +1,129 @@
+"""Where a throughput run's time goes: one engine in this process under cProfile, stock or AdaKV.
+
+    python benchmarks/profile_throughput.py [--config adakv|stock] [--option KEY=VALUE ...]
+        [--num-prompts 32 --input-len 512 --output-len 128] [--top 25] [--out prof.pstats] [--no-profile]
+
+The engine runs at its own defaults (nothing set but VLLM_CPU_KVCACHE_SPACE, default 4 GiB), in
+this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that one profile sees the scheduler, the worker
+and the attention backend. The profiled region is one `generate` call over random-token prompts
+(ignore_eos), after a warm-up call. cProfile slows Python-heavy code more than torch kernels, so
+shares are indicative; the wall time without the profiler (the first half of the prompts, in a
+call of its own) is printed too. `--no-profile` times both halves without it; `--option` passes an
+AdaKV option (JSON value), e.g. `--option staging_fraction=0.2` (the worst-case reserve at 4 GiB).
+
+AdaKV's code is entered from vLLM's: the report sums, for every function of adakv_vllm, the
+cumulative time of the calls made to it from outside adakv_vllm (so nothing is counted twice), and
+groups it: `attention` (the backend's forward: it replaces stock's attention, so it is not all
+overhead) and everything else (sealing, staging, features, scheduler decisions: AdaKV's own work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PACKAGE = str(ROOT / "adakv_vllm")
+CONFIGS = {"stock": {"kv_cache_plugin": "none"}, "adakv": {"kv_cache_plugin": "adakv"}}
+
+
+def _ours(func: tuple) -> bool:
+    return func[0].startswith(PACKAGE)
+
+
+def entry_points(stats: pstats.Stats) -> dict[str, float]:
+    """adakv_vllm function -> cumulative seconds of the calls it received from outside adakv_vllm."""
+    out: dict[str, float] = {}
+    for func, (_cc, _nc, _tt, _ct, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if not _ours(func):
+            continue
+        outside = sum(edge[3] for caller, edge in callers.items() if not _ours(caller))
+        if outside > 0:
+            name = f"{Path(func[0]).relative_to(ROOT)}:{func[1]}({func[2]})"
+            out[name] = out.get(name, 0.0) + outside
+    return out
+
+
+def is_attention(name: str) -> bool:
+    return name.startswith("adakv_vllm/attention/")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", choices=CONFIGS, default="adakv")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=512)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--out", type=Path, default=None, help="also write the raw pstats here")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="AdaKV option")
+    parser.add_argument("--no-profile", action="store_true", help="time both halves, no profiler")
+    args = parser.parse_args()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+    import numpy as np
+    from vllm import LLM, SamplingParams
+
+    from adakv_vllm.model_store import resolve_model
+
+    options = dict(CONFIGS[args.config])
+    for item in args.option:
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value)
+    llm = LLM(resolve_model(None), additional_config=options)
+    rng = np.random.default_rng(0)
+    prompts = [
+        {"prompt_token_ids": rng.integers(1000, 20000, args.input_len).tolist()}
+        for _ in range(args.num_prompts)
+    ]
+    params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
+    llm.generate("Warm-up:", SamplingParams(max_tokens=4), use_tqdm=False)
+    started = time.perf_counter()
+    llm.generate(prompts[: len(prompts) // 2], params, use_tqdm=False)
+    plain = time.perf_counter() - started
+    if args.no_profile:
+        started = time.perf_counter()
+        llm.generate(prompts[len(prompts) // 2 :], params, use_tqdm=False)
+        second = time.perf_counter() - started
+        tokens = len(prompts) * args.output_len
+        rate = tokens / (plain + second)
+        print(f"config {args.config} {options}: {plain:.2f} s + {second:.2f} s, {rate:.1f} output tok/s")
+        return 0
+    profiler = cProfile.Profile()
+    started = time.perf_counter()
+    profiler.enable()
+    llm.generate(prompts[len(prompts) // 2 :], params, use_tqdm=False)
+    profiler.disable()
+    wall = time.perf_counter() - started
+    if args.out:
+        profiler.dump_stats(args.out)
+    stats = pstats.Stats(profiler)
+    entries = sorted(entry_points(stats).items(), key=lambda kv: -kv[1])
+    attention = sum(s for n, s in entries if is_attention(n))
+    own = sum(s for n, s in entries if not is_attention(n))
+    half = args.num_prompts // 2
+    print(f"config {args.config}: {half} prompts x {args.input_len} in / {args.output_len} out per call")
+    print(f"wall without the profiler {plain:.2f} s, with it {wall:.2f} s")
+    print(
+        f"in adakv_vllm: attention {attention:.2f} s ({100 * attention / wall:.1f}%), "
+        f"AdaKV's own work {own:.2f} s ({100 * own / wall:.1f}%) of the profiled wall time"
+    )
+    for name, seconds in entries[: args.top]:
+        print(f"  {seconds:8.3f} s  {100 * seconds / wall:5.1f}%  {name}")
+    print("\ntop functions by cumulative time (everything):")
+    stats.sort_stats("cumulative").print_stats(args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
