@@ -24,6 +24,7 @@ def _policy_differences(results: list[dict], mc: list[str]) -> list[str]:
     controls), and against the best uniform format of equal or higher capacity, paired on the same
     windows / examples."""
     by_name = {r["config"]: r for r in results}
+    has_kl = all("wikitext" in r["results"] for r in results)
     uniform = [
         r for r in results if (CONFIGS.get(r["config"]) or CONFIGS["bf16"]).adakv is not None
         and CONFIGS[r["config"]].adakv["policy"] == "static"
@@ -44,24 +45,30 @@ def _policy_differences(results: list[dict], mc: list[str]) -> list[str]:
             and c.name != name
             and c.name in by_name
         ]
-        at_least = [u for u in uniform if _capacity(u)["ratio"] >= _capacity(r)["ratio"] - 1e-9]
-        if at_least:
-            best = min(at_least, key=lambda u: mean_se(u["results"]["wikitext"]["kl"])[0])["config"]
-            if best not in controls:
-                controls.append(best)
+        if "wikitext" in r["results"]:  # the best uniform format of >= capacity, by KL
+            at_least = [u for u in uniform if _capacity(u)["ratio"] >= _capacity(r)["ratio"] - 1e-9]
+            at_least = [u for u in at_least if "wikitext" in u["results"]]
+            if at_least:
+                best = min(at_least, key=lambda u: mean_se(u["results"]["wikitext"]["kl"])[0])["config"]
+                if best not in controls:
+                    controls.append(best)
         for control in controls:
             other = by_name[control]["results"]
-            kl = paired(r["results"]["wikitext"]["kl"], other["wikitext"]["kl"])
-            cells = [
+            cells = []
+            if has_kl:
+                kl = paired(r["results"]["wikitext"]["kl"], other["wikitext"]["kl"])
+                cells.append(_fmt(*kl, digits=4))
+            cells += [
                 _fmt(*paired(r["results"][t]["acc_norm"], other[t]["acc_norm"]), 100)
                 for t in mc
                 if t in other
             ]
-            rows.append(f"| {name} − {control} | {_fmt(*kl, digits=4)} | " + " | ".join(cells) + " |")
+            rows.append(f"| {name} − {control} | " + " | ".join(cells) + " |")
     if not rows:
         return []
-    header = "| paired difference | KL (nats/token) | " + " | ".join(f"{t} Δ acc_norm" for t in mc) + " |"
-    return [header, "|---|---:|" + "---:|" * len(mc), *rows, ""]
+    columns = (["KL (nats/token)"] if has_kl else []) + [f"{t} Δ acc_norm" for t in mc]
+    header = "| paired difference | " + " | ".join(columns) + " |"
+    return [header, "|---|" + "---:|" * len(columns), *rows, ""]
 
 
 def markdown(results: list[dict], settings: dict) -> str:
@@ -95,7 +102,7 @@ def markdown(results: list[dict], settings: dict) -> str:
                 f"{_fmt(*kl, digits=4)} | {100 * w['quantized_reads']:.0f}% |"
             )
         lines.append("")
-        lines += _policy_differences(results, mc)
+    lines += _policy_differences(results, mc)
     if mc:
         header = "| config | avg bits | " + " | ".join(f"{t} acc / acc_norm (Δ acc_norm)" for t in mc) + " |"
         lines += [header, "|---|---:|" + "---:|" * len(mc)]

@@ -142,6 +142,19 @@ def test_report_markdown_and_plots(tmp_path):
         assert (tmp_path / f"{png}.png").stat().st_size > 0
 
 
+def test_report_without_wikitext_pairs_the_multiple_choice_tasks(tmp_path):
+    """A run of multiple-choice tasks alone still pairs each adaptive policy with its controls."""
+    results = [_fake("bf16", 16, [1.0, 0.0, 1.0]), _fake("attention3.5", 3.5, [1.0, 1.0, 1.0], capacity=4.2)]
+    results += [_fake("random3.5", 3.5, [0.0, 1.0, 1.0], capacity=4.2)]
+    for r in results:
+        del r["results"]["wikitext"]
+    settings = {"model": "/m", "tasks": ["piqa"], "limit": 3, "wikitext_limit": 0, "wikitext_window": 8}
+    table = report.markdown(results, settings)
+    assert "| paired difference | piqa Δ acc_norm |" in table and "KL" not in table
+    assert "| attention3.5 − random3.5 | 33.3 ± 33.3 |" in table
+    report.plots(results, tmp_path)
+
+
 def test_eval_refuses_windows_the_learned_controller_was_trained_on(tmp_path):
     import json
 
