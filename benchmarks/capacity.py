@@ -1,11 +1,12 @@
-"""KV capacity and greedy agreement: stock bf16 vs AdaKV at several target bits, one run each.
+"""KV capacity at the user's settings: stock bf16 vs AdaKV, each engine as a user would start it.
 
-Every engine gets the same VLLM_CPU_KVCACHE_SPACE and scheduler limits; capacity is what vLLM
-itself reports (num_gpu_blocks x block_size), so AdaKV's FP16 staging reserve is already paid for.
-Agreement is the share of greedy tokens equal to stock bf16 up to the first divergence (8 prompts x
-64 tokens) -- a smoke signal, not a quality benchmark (see the evaluation suite for that).
+Settings: `llm` = vLLM's defaults for the LLM class (nothing set but the KV memory), `server` = the
+scheduler limits of `vllm serve` on CPU (max_num_seqs 128, max_num_batched_tokens 2048). For each
+VLLM_CPU_KVCACHE_SPACE, each setting runs stock and AdaKV at its defaults (and at other target bits
+if asked); capacity is what vLLM itself allocates (num_gpu_blocks x block_size), so AdaKV's FP16
+staging reserve is already paid for out of the same memory.
 
-    python benchmarks/capacity.py [--targets 8 4 3 2.5 2] [--policy rule] [--kv-space-gib 2] [--json F]
+    python benchmarks/capacity.py [--kv-space-gib 1 4] [--targets default 3 2.75] [--json F]
 """
 
 from __future__ import annotations
@@ -18,61 +19,77 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.conftest import PROMPTS, run_probe  # noqa: E402
+from tests.e2e.conftest import run_probe  # noqa: E402
 
-LLM_ARGS = {"max_num_seqs": 8, "max_num_batched_tokens": 512}
+SETTINGS = {
+    "llm": {},
+    "server": {"max_num_seqs": 128, "max_num_batched_tokens": 2048},
+}
+# the probe's own defaults, undone where they would change what a user gets
+PROBE_OVERRIDES = {"max_model_len": 8192}
 
 
-def run(adakv: dict | None, kv_space: str) -> dict:
-    spec = {"adakv": adakv, "llm": LLM_ARGS, "prompts": PROMPTS, "max_tokens": 64}
+def run(adakv: dict | None, kv_space: str, setting: dict) -> dict:
+    spec = {
+        "adakv": adakv,
+        "llm": {**PROBE_OVERRIDES, **setting},
+        "prompts": ["The capital of France is"],
+        "max_tokens": 4,
+        "inspect": adakv is not None,
+    }
     return run_probe(spec, env={"VLLM_CPU_KVCACHE_SPACE": kv_space})
 
 
-def agreement(a: dict, b: dict) -> float:
-    same = total = 0
-    for x, y in zip(a["token_ids"], b["token_ids"], strict=True):
-        n = next((i for i, (u, v) in enumerate(zip(x[0], y[0], strict=False)) if u != v), len(x[0]))
-        same, total = same + n, total + len(x[0])
-    return same / total
-
-
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--targets", type=float, nargs="+", default=[16, 8, 4, 3, 2.5, 2])
-    parser.add_argument("--policy", default="rule")
-    parser.add_argument("--kv-space-gib", default="2")
+    parser.add_argument("--kv-space-gib", nargs="+", default=["1", "4"])
+    parser.add_argument("--targets", nargs="+", default=["default"], help="'default' or target bits")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-
     rows = []
-    print(f"[1/{len(args.targets) + 1}] stock bf16", file=sys.stderr, flush=True)
-    stock = run(None, args.kv_space_gib)
-    stock_tokens = stock["num_gpu_blocks"] * stock["block_size"]
-    rows.append({"config": "stock bf16", "tokens": stock_tokens, "ratio": 1.0, "agreement": 1.0})
-    for i, target in enumerate(args.targets, 2):
-        print(
-            f"[{i}/{len(args.targets) + 1}] adakv {args.policy} @ {target} bits", file=sys.stderr, flush=True
-        )
-        report = run({"target_bits": target, "policy": args.policy}, args.kv_space_gib)
-        tokens = report["num_gpu_blocks"] * report["block_size"]
-        rows.append(
-            {
-                "config": f"adakv {args.policy} {target:g} bits",
-                "tokens": tokens,
-                "ratio": tokens / stock_tokens,
-                "agreement": agreement(report, stock),
-            }
-        )
-    print(f"\nKV capacity at VLLM_CPU_KVCACHE_SPACE={args.kv_space_gib} GiB (SmolLM2-135M):\n")
-    print("| config | KV tokens | vs bf16 | greedy agreement |")
-    print("|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['config']} | {r['tokens']:,} | {r['ratio']:.2f}x | {100 * r['agreement']:.0f}% |")
+    lines = [
+        "| setting | KV GiB | config | KV tokens | vs stock | staging MiB | page bits/elem |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for space in args.kv_space_gib:
+        for name in args.settings:
+            setting = SETTINGS[name]
+            print(f"[capacity] {name} @ {space} GiB: stock", file=sys.stderr, flush=True)
+            stock = run(None, space, setting)
+            stock_tokens = stock["num_gpu_blocks"] * stock["block_size"]
+            lines.append(f"| {name} | {space} | stock bf16 | {stock_tokens:,} | 1.00x | - | 16.00 |")
+            rows.append({"setting": name, "kv_space_gib": space, "config": "stock", "tokens": stock_tokens})
+            for target in args.targets:
+                options = {} if target == "default" else {"target_bits": float(target)}
+                label = "adakv" + ("" if target == "default" else f" {target} bits")
+                print(f"[capacity] {name} @ {space} GiB: {label}", file=sys.stderr, flush=True)
+                report = run(options, space, setting)
+                tokens = report["num_gpu_blocks"] * report["block_size"]
+                cap = report["capacity"]
+                row = {
+                    "setting": name,
+                    "kv_space_gib": space,
+                    "config": label,
+                    "tokens": tokens,
+                    "ratio": tokens / stock_tokens,
+                    "staging_mib": cap["staging_mib"],
+                    "staging_slots": cap["staging_slots"],
+                    "page_bits_per_element": report["page_capacity"]["bits_per_element"],
+                }
+                rows.append(row)
+                lines.append(
+                    f"| {name} | {space} | {label} | {tokens:,} | {row['ratio']:.2f}x | "
+                    f"{row['staging_mib']:.0f} ({row['staging_slots']} slots) | "
+                    f"{row['page_bits_per_element']:.2f} |"
+                )
+    print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
