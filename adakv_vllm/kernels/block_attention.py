@@ -46,6 +46,9 @@ class BlockQueries:
 def locate(slot_of_block, slot_mapping, block_size: int, num_heads: int) -> BlockQueries | None:
     """The step's BlockQueries; None when it writes no slot."""
     valid = slot_mapping >= 0
+    # a written slot whose block has no staging (never, when the store planned the step's writes)
+    # is skipped rather than read from another block's slot
+    valid[valid.clone()] = slot_of_block[slot_mapping[valid] // block_size] >= 0
     slots = slot_mapping[valid]
     if slots.numel() == 0:
         return None

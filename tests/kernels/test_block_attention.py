@@ -62,3 +62,14 @@ def test_unwritten_staging_never_leaks_into_the_sums():
     expected = block_attention_ref(query, key, slot_of_block, mapping, BS, 0.3)
     for i, slot in enumerate(unique.tolist()):
         torch.testing.assert_close(received[i], expected[slot][0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_slot_without_staging_is_skipped_like_padding():
+    query, key, slot_of_block, mapping = _case(CASES["mixed"], seed=4)
+    unstaged = torch.tensor([9 * BS + 1])  # block 9 holds no staging slot (-1)
+    assert slot_of_block[9] == -1
+    query = torch.cat([query, torch.randn(1, H, D)])
+    with_it = block_attention(query, key, slot_of_block, torch.cat([mapping, unstaged]), BS, 0.3)
+    padded = block_attention(query, key, slot_of_block, torch.cat([mapping, torch.tensor([-1])]), BS, 0.3)
+    for a, b in zip(with_it, padded, strict=True):
+        assert torch.equal(a, b)
