@@ -64,9 +64,9 @@ def _policy_differences(results: list[dict], mc: list[str]) -> list[str]:
                 if t in other
             ]
             rows.append(f"| {name} − {control} | " + " | ".join(cells) + " |")
-    if not rows:
-        return []
     columns = (["KL (nats/token)"] if has_kl else []) + [f"{t} Δ acc_norm" for t in mc]
+    if not rows or not columns:  # nothing paired (e.g. a needle-only run)
+        return []
     header = "| paired difference | " + " | ".join(columns) + " |"
     return [header, "|---|" + "---:|" * len(columns), *rows, ""]
 
