@@ -76,10 +76,17 @@ def markdown(results: list[dict], settings: dict) -> str:
     ref = by_name.get(REFERENCE)
     tasks = settings["tasks"]
     mc = [t for t in tasks if t not in ("wikitext", "needle")]
+    scope = [f"Model `{Path(settings['model']).name}`"]
+    if mc:
+        scope.append(f"MC tasks: first {settings['limit']} examples")
+    if "wikitext" in tasks:
+        scope.append(
+            f"WikiText-2: {settings['wikitext_limit']} windows of {settings['wikitext_window']} tokens, "
+            "second half scored"
+        )
     lines = [
-        f"Model `{Path(settings['model']).name}`; MC tasks: first {settings['limit']} examples; WikiText-2: "
-        f"{settings['wikitext_limit']} windows of {settings['wikitext_window']} tokens, second half scored. "
-        "Values ± standard error; Δ = paired difference against bf16 on the same examples.",
+        "; ".join(scope)
+        + ". Values ± standard error; Δ = paired difference against bf16 on the same examples.",
         "",
     ]
     if "wikitext" in tasks:
