@@ -5,6 +5,7 @@
   decode_pages      csrc/cpu_unpack.cpp, oracle kernels/page_codec.PageCodec.decode (the same bits
                     once in the storage dtype)
   relative_errors   csrc/cpu_qerr.cpp, oracle quant.reference.relative_errors
+  block_attention   csrc/cpu_block_attn.cpp, oracle kernels/block_attention.attend
 
 `paged_attention(...)` computes the oracle's contract straight from the packed pages (no dequantized
 copy of the context): causal, any query_len, GQA, mixed 2/3/4/8/16-bit records, open blocks read from
@@ -466,10 +467,10 @@ def block_attention(
     over query heads) that each query pays to position j <= its own of its block."""
     if query.dim() != 3 or staging_key.dim() != 4 or query.shape[2] != staging_key.shape[3]:
         raise ValueError(f"query {list(query.shape)} and staging_key {list(staging_key.shape)} do not match")
-    if query.dtype != staging_key.dtype or query.dtype not in DTYPE_CODES or query.stride(2) != 1:
+    if query.dtype != staging_key.dtype or query.dtype not in DTYPE_CODES:
         raise ValueError(f"query ({query.dtype}) and staging_key ({staging_key.dtype}) need one dtype")
-    if not staging_key.is_contiguous():
-        raise ValueError("staging_key must be contiguous")
+    if query.stride(2) != 1 or not staging_key.is_contiguous():
+        raise ValueError("each query head's row and staging_key must be contiguous")
     num_slots, block_size = staging_key.shape[:2]
     if (
         received.shape != (num_slots, block_size)
