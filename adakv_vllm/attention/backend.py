@@ -14,6 +14,9 @@ on each sequence alone, so a request decodes the same tokens whatever else share
 two paths round differently: scratch stores bf16 K/V and bf16 probabilities, fused keeps fp32).
 Both paths fill `output[:num_actual_tokens]` ([num_tokens, num_heads, head_size], the query dtype),
 as stock CPU_ATTN does, and layer 0 accounts the step's sealed/total token reads.
+The `attention` policy's in-block measurement (kernels/block_attention.py): a pure decode step takes
+it from the fused kernel's own scores (no second pass over the staged keys); other steps call
+KVStore.observe_attention for all their rows.
 """
 
 from __future__ import annotations
@@ -117,13 +120,15 @@ class AdaKVAttentionImpl(CPUAttentionBackendImpl):
         store.bind(index, kv_cache)
         if index == 0:
             count_reads(store, attn_metadata)
-        if store.track_attention:
+        pure_decode = self._fused is not None and attn_metadata.max_query_len == 1
+        if store.track_attention and not pure_decode:  # a pure decode step measures in the kernel
             n = attn_metadata.num_actual_tokens
             store.observe_attention(query[:n], attn_metadata.slot_mapping[:n], self.scale, index)
         if self._fused is None:
             return self._scratch_forward(layer, store, index, query, key, value, attn_metadata, output)
-        if attn_metadata.max_query_len == 1:
-            return fused_decode(self._fused, store, index, query, attn_metadata, self.scale, output)
+        if pure_decode:
+            measure = store.track_attention
+            return fused_decode(self._fused, store, index, query, attn_metadata, self.scale, output, measure)
         split = split_step(
             attn_metadata, self.num_heads, self.num_kv_heads, self.head_size, query.dtype, layer.isa
         )
@@ -145,10 +150,15 @@ class AdaKVAttentionImpl(CPUAttentionBackendImpl):
         return super().forward(layer, query, key, value, scratch, metadata, output)
 
 
-def fused_decode(kernel, store, layer: int, query, md: CPUAttentionMetadata, scale: float, output):
-    """query, output: [num_tokens, num_heads, head_size]; fills output[:num_actual_tokens]."""
+def fused_decode(
+    kernel, store, layer: int, query, md: CPUAttentionMetadata, scale: float, output, measure: bool = False
+):
+    """query, output: [num_tokens, num_heads, head_size]; fills output[:num_actual_tokens].
+    measure: also accumulate the `attention` policy's in-block measurement into the store's
+    staging (what KVStore.observe_attention computes), from the kernel's own scores."""
     _announce_fused()
     n = md.num_actual_tokens
+    staging = store.staging
     cpu_ops.paged_attention(
         query[:n],
         store.pages[layer],
@@ -162,6 +172,8 @@ def fused_decode(kernel, store, layer: int, query, md: CPUAttentionMetadata, sca
         scale,
         out=output[:n],
         module=kernel,
+        received=staging.received if measure else None,
+        seen=staging.seen if measure else None,
     )
     return output
 

@@ -138,7 +138,8 @@ class KVStore:
         """Accumulate the attention this step's queries ([T, num_heads, head_size]) pay to the staged
         tokens of their own blocks (kernels/block_attention.py), for one layer: by the compiled kernel
         of kernels/cpu.py where it builds, else by its torch oracle. Where the queries sit is
-        located once per step (every layer of a step has the same slot mapping)."""
+        located once per step (every layer of a step has the same slot mapping). Pure decode steps
+        skip this: the fused kernel measures the same from its own scores (attention/backend.py)."""
         staging = self.staging
         cached = self._located
         if cached is None or not (

@@ -131,11 +131,16 @@ def paged_attention(
     module: Kernel | None = None,
     pages_per_split: int = 0,
     force_scalar: bool = False,
+    received: torch.Tensor | None = None,  # [num_slots, block_size] fp32, added to
+    seen: torch.Tensor | None = None,  # [num_slots, block_size] fp32, added to
 ) -> torch.Tensor:
     """paged_attention_ref's contract, fused. Writes (and returns) `out` for the tokens that belong
     to a sequence; other rows of `out` are left as they were. `module`: the built Kernel
     (default: build/load it now). pages_per_split: pages per work item, 0 = the kernel's choice.
-    force_scalar: run the portable path even where the AVX-512 one is compiled in (tests)."""
+    force_scalar: run the portable path even where the AVX-512 one is compiled in (tests).
+    received, seen: also take the `attention` policy's in-block measurement of this layer
+    (kernels/block_attention.py's `attend` and `locate.seen`, for queries whose own block is staged)
+    from the same scores, adding into them in place (the store's `staging.received` / `.seen`)."""
     if query.dim() != 3 or query.dtype not in QUERY_DTYPES or query.stride(-1) != 1:
         raise ValueError(
             f"query must be [num_tokens, num_heads, head_size] in {QUERY_DTYPES} with a contiguous last "
@@ -179,6 +184,12 @@ def paged_attention(
         )
     if pages.stride(1) != 1:
         raise ValueError("pages rows must be contiguous")
+    if (received is None) != (seen is None):
+        raise ValueError("received and seen go together")
+    for name, t in (("received", received), ("seen", seen)):
+        expected = (staging_key.shape[0], layout.block_size)
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != expected or not t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous {list(expected)} float32 tensor, got {list(t.shape)} {t.dtype}")
     block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
     staging_key, staging_value = staging_key.contiguous(), staging_value.contiguous()
@@ -219,6 +230,8 @@ def paged_attention(
         int(pages_per_split),
         int(force_scalar),
         torch.get_num_threads(),
+        None if received is None else received.data_ptr(),
+        None if seen is None else seen.data_ptr(),
     )
     kernel.run(args)
     return out

@@ -163,6 +163,7 @@ class DecodeArgs(ctypes.Structure):
         *((name, ctypes.c_int64) for name in ("out_dtype", "out_stride_t", "out_stride_h")),
         ("scale", ctypes.c_double),
         *((name, ctypes.c_int64) for name in ("pages_per_split", "force_scalar", "num_threads")),
+        *((name, ctypes.c_void_p) for name in ("received", "seen")),
     ]
 
 

@@ -155,3 +155,28 @@ def test_mixed_step_matches_the_oracle(impl, step):
     # Outputs are bf16 (relative 2**-9); the scratch rows also round K/V and probabilities to bf16
     # inside vLLM's kernel: a few bf16 ulps of the output's scale (~1/sqrt(context) .. 1).
     torch.testing.assert_close(out.float(), expected, rtol=2**-6, atol=2**-7)
+
+
+def test_pure_decode_step_measures_in_the_kernel_what_the_store_measures(impl, step):
+    """With the `attention` policy on, a pure decode step takes the in-block measurement from the
+    fused kernel's scores instead of KVStore.observe_attention: the same sums, up to rounding."""
+    store, query, metadata = step
+    decodes = [i for i, (_, q) in enumerate(MIXED) if q == 1]
+    md, rows = metadata(decodes)
+    table = md.block_table.to(torch.int64)
+    positions = md.seq_lens.to(torch.int64) - 1
+    slot_mapping = table[torch.arange(len(decodes)), positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+    staging = store.staging
+    store.track_attention = True
+    try:
+        staging.received.zero_(), staging.seen.zero_()
+        _forward(impl, step, decodes)
+        fused = staging.received.clone(), staging.seen.clone()
+        staging.received.zero_(), staging.seen.zero_()
+        store.observe_attention(query[rows], slot_mapping, SCALE, LAYER)
+        assert staging.seen.sum() > 0
+        torch.testing.assert_close(fused[1], staging.seen, rtol=0, atol=0)
+        torch.testing.assert_close(fused[0], staging.received, rtol=1e-5, atol=1e-5)
+    finally:
+        store.track_attention = False
+        staging.received.zero_(), staging.seen.zero_()

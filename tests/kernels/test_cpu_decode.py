@@ -191,6 +191,64 @@ def test_fused_matches_oracle(module, case, path):
     assert (out[owned:] == sentinel).all(), "padding tokens must be left untouched"
 
 
+def _slot_mapping(args, block_size: int) -> torch.Tensor:
+    """The vLLM slot each query token of the problem writes (-1 for the padding tokens)."""
+    qsl, seq_lens = args["query_start_loc"].tolist(), args["seq_lens"].tolist()
+    slots = torch.full((args["query"].shape[0],), -1, dtype=torch.int64)
+    for s, seq_len in enumerate(seq_lens):
+        first = seq_len - (qsl[s + 1] - qsl[s])
+        for j, pos in enumerate(range(first, seq_len)):
+            slots[qsl[s] + j] = int(args["block_table"][s, pos // block_size]) * block_size + pos % block_size
+    return slots
+
+
+MEASURE_CASES = [
+    Case("decode", (33, 67, 5, 131, 64)),
+    Case("decode_gqa_8_to_1", (90, 7), num_heads=8, num_kv_heads=1),
+    Case("decode_head_128_block_17", (100, 40), head_size=128, group_size=64, block_size=17),
+    Case("open_blocks_random", (300, 150, 97), open_blocks="random"),
+    Case("prefill_and_decode_mixed", (40, 70, 33), query_lens=(40, 1, 5), open_blocks="all"),
+    Case("long_context_split", (2100, 300), pages_per_split=3),
+    Case("bf16_query", (200, 17), query_dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", MEASURE_CASES, ids=lambda c: c.name)
+def test_fused_in_block_measurement_matches_block_attention(module, case, path):
+    """The `attention` policy's measurement taken from the kernel's own scores equals what
+    kernels/block_attention.py computes (the store's per-layer measurement), added in place."""
+    from adakv_vllm.kernels.block_attention import block_attention
+
+    args, codec = _problem(case, seed=7)
+    bs, scale = case.block_size, case.head_size**-0.5
+    num_slots = args["staging_key"].shape[0]
+    received = torch.full((num_slots, bs), 0.5)  # added to, not overwritten
+    seen = torch.full((num_slots, bs), 2.0)
+    cpu.paged_attention(
+        **args, layout=codec.layout, scale=scale, module=module, pages_per_split=case.pages_per_split,
+        force_scalar=path == "scalar", received=received, seen=seen,
+    )  # fmt: skip
+    slots, expected, expected_seen = block_attention(
+        args["query"], args["staging_key"], args["staging_slot"], _slot_mapping(args, bs), bs, scale
+    )
+    want, want_seen = torch.full((num_slots, bs), 0.5), torch.full((num_slots, bs), 2.0)
+    want[slots] += expected
+    want_seen[slots] += expected_seen
+    assert slots.numel() > 0
+    torch.testing.assert_close(seen, want_seen, rtol=0, atol=0)
+    torch.testing.assert_close(received, want, rtol=2e-5, atol=2e-5 if case.query_dtype == torch.float32 else 1e-3)
+
+
+def test_measurement_needs_both_buffers(module):
+    args, codec = _problem(Case("m", (40,)))
+    with pytest.raises(ValueError, match="received and seen"):
+        cpu.paged_attention(**args, layout=codec.layout, scale=1.0, module=module, received=torch.zeros(3, 32))
+    with pytest.raises(ValueError, match="received must be"):
+        bad = torch.zeros(args["staging_key"].shape[0], 31)
+        cpu.paged_attention(**args, layout=codec.layout, scale=1.0, module=module, received=bad, seen=bad)
+
+
 def test_splits_do_not_change_the_result(module):
     case = Case("split", (1000, 257))
     args, codec = _problem(case, seed=3)

@@ -20,7 +20,6 @@ constexpr int kMaxHeadSize = 256;
 constexpr int kMaxBlockSize = 1024;
 
 enum Status { kOk = 0, kBadArgs = 1, kOutOfRange = 2 };
-enum Dtype : int64_t { kF32 = 0, kBF16 = 1, kF16 = 2 };  // library.py: DTYPE_CODES
 
 // Mirror of library.py's BlockAttnArgs, field by field.
 struct BlockAttnArgs {
@@ -36,17 +35,6 @@ struct BlockAttnArgs {
   float* received;  // [num_slots, block_size], added to
   int64_t num_threads;
 };
-
-void widen(int64_t dtype, const void* base, int64_t index, int n, float* out) {
-  if (dtype == kF32) {
-    const float* x = static_cast<const float*>(base) + index;
-    for (int i = 0; i < n; ++i) out[i] = x[i];
-  } else if (dtype == kBF16) {
-    adakv::to_float<true>(static_cast<const uint16_t*>(base) + index, n, out);
-  } else {
-    adakv::to_float<false>(static_cast<const uint16_t*>(base) + index, n, out);
-  }
-}
 
 // q . k over d (a multiple of 16) in 16 interleaved partial sums, which the compiler vectorises.
 float dot(const float* q, const float* k, int d) {
@@ -65,14 +53,14 @@ void token(const BlockAttnArgs& a, int64_t i, float* out) {
   const int visible = static_cast<int>(a.offsets[i]) + 1;
   std::vector<float> q(static_cast<size_t>(heads) * d);
   for (int h = 0; h < heads; ++h)
-    widen(a.dtype, a.query, a.rows[i] * a.query_token_stride + h * a.query_head_stride, d, q.data() + h * d);
+    adakv::widen(a.dtype, a.query, a.rows[i] * a.query_token_stride + h * a.query_head_stride, d, q.data() + h * d);
   std::vector<float> scores(static_cast<size_t>(heads) * visible);
   alignas(64) float k[kMaxHeadSize];
   const float scale = static_cast<float>(a.scale);
   const int64_t key_base = a.slots[i] * bs * a.num_kv_heads * d;
   for (int kvh = 0; kvh < a.num_kv_heads; ++kvh) {
     for (int j = 0; j < visible; ++j) {
-      widen(a.dtype, a.key, key_base + (static_cast<int64_t>(j) * a.num_kv_heads + kvh) * d, d, k);
+      adakv::widen(a.dtype, a.key, key_base + (static_cast<int64_t>(j) * a.num_kv_heads + kvh) * d, d, k);
       for (int h = kvh * group; h < (kvh + 1) * group; ++h) {
         scores[static_cast<size_t>(h) * visible + j] = dot(q.data() + static_cast<size_t>(h) * d, k, d) * scale;
       }
@@ -92,7 +80,7 @@ void token(const BlockAttnArgs& a, int64_t i, float* out) {
 int block_attention(const BlockAttnArgs& a) {
   if (!a.query || !a.key || !a.received || a.n < 0 || a.head_size <= 0 || a.head_size > kMaxHeadSize || a.head_size % 16 ||
       a.block_size <= 0 || a.block_size > kMaxBlockSize || a.num_kv_heads <= 0 || a.num_heads <= 0 ||
-      a.num_heads % a.num_kv_heads || (a.dtype != kF32 && a.dtype != kBF16 && a.dtype != kF16))
+      a.num_heads % a.num_kv_heads || (a.dtype != adakv::kF32 && a.dtype != adakv::kBF16 && a.dtype != adakv::kF16))
     return kBadArgs;
   for (int64_t i = 0; i < a.n; ++i)
     if (a.rows[i] < 0 || a.rows[i] >= a.num_rows || a.slots[i] < 0 || a.slots[i] >= a.num_slots || a.offsets[i] < 0 ||

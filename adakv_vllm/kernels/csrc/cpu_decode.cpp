@@ -593,7 +593,7 @@ struct Avx512Path {
 #endif  // ADAKV_AVX512
 
 // ================================ driver =========================================================
-enum Dtype : int64_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+using adakv::kBF16, adakv::kF16;  // library.py: DTYPE_CODES (cpu_quant.h)
 
 // The C entry's arguments; library.py's DecodeArgs mirrors this struct field by field (ctypes).
 struct Args {
@@ -616,6 +616,10 @@ struct Args {
   int64_t out_dtype, out_stride_t, out_stride_h;
   double scale;
   int64_t pages_per_split, force_scalar, num_threads;
+  // Optional (both null or both set): the `attention` policy's in-block measurement, fused
+  // (kernels/block_attention.py's contract): [num_slots, block_size] fp32 sums, added to.
+  float* received;
+  float* seen;
 };
 
 enum Status : int { kOk = 0, kBadArgs = 1, kCorruptPage = 2 };
@@ -635,6 +639,8 @@ struct Problem {
   int64_t query_dtype;
   int64_t q_stride_t, q_stride_h;
   float scale;
+  float* received;  // null: no in-block measurement
+  float* seen;
   std::vector<int64_t> seq_lens, q_start, q_len;
 
   int64_t block_of(int64_t seq, int64_t page) const {
@@ -679,6 +685,32 @@ inline void prefetch_page(const uint8_t* page, const Layout& L) {
   for (int t = 0; t < L.block_size; ++t) region += L.nibble_bytes[page[t] & 0xF] + L.nibble_bytes[page[t] >> 4];
   const int64_t used = std::min<int64_t>(L.page_bytes, L.header_bytes + L.num_kv_heads * region);
   for (int64_t o = 64; o < used; o += 64) __builtin_prefetch(page + o);
+}
+
+// The `attention` policy's measurement (kernels/block_attention.py), from the scores of a staged
+// page, before they turn into the context-wide softmax: a query row whose own token lies in this
+// page adds softmax over its block's keys up to itself (the staged view's key records are in
+// position order) to received[slot, :], and 1 to seen[slot, :] there. Only the item holding a
+// query's own page writes its slot, so threads never share a slot (no atomics; the sums do not
+// depend on the thread count).
+inline void measure_in_block(const Rows& R, const int* qpos, int64_t base, int bs, int64_t slot, const Problem& P) {
+  float* received = P.received + slot * bs;
+  float* seen = P.seen + slot * bs;
+  for (int r = 0; r < R.count; ++r) {
+    const int64_t offset = qpos[r] - base;
+    if (offset < 0 || offset >= bs) continue;
+    const int n = static_cast<int>(offset) + 1;
+    const float* sc = R.sc + r * R.sc_stride;
+    float mx = kNegInf, sum = 0.f;
+    for (int j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
+    float p[kMaxBlockSize];
+    for (int j = 0; j < n; ++j) sum += p[j] = std::exp(sc[j] - mx);
+    const float inv = 1.f / sum;
+    for (int j = 0; j < n; ++j) {
+      received[j] += p[j] * inv;
+      seen[j] += 1.f;
+    }
+  }
 }
 
 // Rows of an item are ordered (KV head, query token, head in group): head h's rows are contiguous.
@@ -770,6 +802,7 @@ bool run_item(const Problem& P, const Item& it, std::vector<float>& ws, PageView
         const Run& run = view.runs[0][i];
         Path::scores(run, run.base + h * run.head_step, view.order[0] + run.first, R, L);
       }
+      if (slot >= 0 && P.received) measure_in_block(R, qpos + r0, base, bs, slot, P);
       Path::softmax(R, view.order[0], view.num_records, m + r0, l + r0);
       for (int i = 0; i < view.num_runs[1]; ++i) {
         const Run& run = view.runs[1][i];
@@ -876,6 +909,9 @@ int run(const Args& a) {
   P.q_stride_t = a.q_stride_t;
   P.q_stride_h = a.q_stride_h;
   P.scale = static_cast<float>(a.scale);
+  if ((a.received == nullptr) != (a.seen == nullptr)) return kBadArgs;
+  P.received = a.received;
+  P.seen = a.seen;
   const int64_t num_seqs = a.num_seqs;
   P.seq_lens = read_index(a.seq_lens, a.seq_lens_i64 != 0, num_seqs);
   const std::vector<int64_t> qsl = read_index(a.query_start_loc, a.query_start_loc_i64 != 0, num_seqs + 1);

@@ -22,7 +22,6 @@ constexpr int kMaxHeadSize = 256;
 enum Status { kOk = 0, kBadArgs = 1, kNonFinite = 5, kTooLarge = 6 };  // as cpu_seal.cpp's
 // Value errors as bit flags: a NaN anywhere wins, as the oracle checks the whole batch for NaN first.
 enum ValueError { kFine = 0, kHasNaN = 1, kHasTooLarge = 2 };
-enum Dtype : int64_t { kF32 = 0, kBF16 = 1, kF16 = 2 };  // library.py: DTYPE_CODES
 
 // Mirror of library.py's QerrArgs, field by field.
 struct QerrArgs {
@@ -39,25 +38,13 @@ struct QerrArgs {
   int64_t num_threads;
 };
 
-void widen(const QerrArgs& a, int64_t r, float* y) {
-  const int d = static_cast<int>(a.head_size);
-  if (a.dtype == kF32) {
-    const float* x = static_cast<const float*>(a.x) + r * d;
-    for (int i = 0; i < d; ++i) y[i] = x[i];
-  } else if (a.dtype == kBF16) {
-    adakv::to_float<true>(static_cast<const uint16_t*>(a.x) + r * d, d, y);
-  } else {
-    adakv::to_float<false>(static_cast<const uint16_t*>(a.x) + r * d, d, y);
-  }
-}
-
 // One row: out[p] for every precision; returns the ValueError flag of a value the oracle refuses. As
 // the oracle clamps before it checks, an inf is clamped (and may then rotate out of range); a NaN is
 // an error.
 int row_errors(const QerrArgs& a, int64_t r) {
   const int d = static_cast<int>(a.head_size), g_size = static_cast<int>(a.group_size);
   alignas(64) float y[kMaxHeadSize];
-  widen(a, r, y);
+  adakv::widen(a.dtype, a.x, r * a.head_size, static_cast<int>(a.head_size), y);
   const float limit = static_cast<float>(a.quantized_abs);
   int nan = 0;
   for (int i = 0; i < d; ++i) {
@@ -96,7 +83,7 @@ int relative_errors(const QerrArgs& a) {
   if (!a.codebooks || a.rows < 0 || a.head_size <= 0 || a.head_size > kMaxHeadSize || a.head_size % 16 ||
       a.group_size < 16 || a.group_size % 16 || a.head_size % a.group_size || a.hadamard_log2 < 4 ||
       a.head_size % (int64_t{1} << a.hadamard_log2) || a.num_precisions <= 0 || a.num_precisions > kMaxPrecisions ||
-      (a.dtype != kF32 && a.dtype != kBF16 && a.dtype != kF16))
+      (a.dtype != adakv::kF32 && a.dtype != adakv::kBF16 && a.dtype != adakv::kF16))
     return kBadArgs;
   for (int64_t p = 0; p < a.num_precisions; ++p)
     if (a.codes[p] < 0 || a.codes[p] >= adakv::kQuantizedCodes ||

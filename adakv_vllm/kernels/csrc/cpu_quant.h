@@ -448,4 +448,18 @@ inline void to_float(const uint16_t* src, int n, float* out) {
   }
 }
 
+// The dtype codes of library.py's DTYPE_CODES.
+enum Dtype : int64_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// out[0..n) = base[index .. index + n) in `dtype` (a Dtype code), widened to fp32 exactly.
+inline void widen(int64_t dtype, const void* base, int64_t index, int n, float* out) {
+  if (dtype == kF32) {
+    std::memcpy(out, static_cast<const float*>(base) + index, sizeof(float) * n);
+  } else if (dtype == kBF16) {
+    to_float<true>(static_cast<const uint16_t*>(base) + index, n, out);
+  } else {
+    to_float<false>(static_cast<const uint16_t*>(base) + index, n, out);
+  }
+}
+
 }  // namespace adakv
