@@ -77,6 +77,15 @@ CASES = [
     Case("prefill_and_decode_mixed", (40, 70, 33), query_lens=(40, 1, 5)),
     Case("chunked_prefill_split", (250,), query_lens=(37,), pages_per_split=2, open_blocks="random"),
     Case("idle_sequence", (50, 30), query_lens=(0, 1)),
+    # one group per record (the engine's default for 64-wide heads): the scale multiplies the dot
+    # product and the probability instead of every element
+    Case("one_group_mixed", (200, 45, 7), group_size=64),
+    Case("one_group_2_bit", (130,), bits="2", group_size=64),
+    Case("one_group_3_bit", (130,), bits="3", group_size=64),
+    Case("one_group_4_bit", (300, 33), bits="4", group_size=64),
+    Case("one_group_8_bit", (130,), bits="8", group_size=64),
+    Case("one_group_head_128", (100, 40), head_size=128, group_size=128),
+    Case("one_group_prefill_rows", (70, 33), query_lens=(20, 1), group_size=64),
 ]
 
 

@@ -325,8 +325,10 @@ constexpr int kNibbleKind = 6;
 // One record -> NC zmm of fp32, out[c] = elements 16c .. 16c+15 (nibble order for kNibbleKind).
 // NC = head_size / 16, 0 = runtime. Quantized kinds look their codes up in the codebook (a register
 // for 2/3/4 bits; the 8-bit grid as fma(code, step, base), exact, see run()) and multiply by the
-// group's scale: the very fp32 product LEVELS[code] * scale of the oracle.
-template <int KIND, int NC>
+// group's scale: the very fp32 product LEVELS[code] * scale of the oracle. kScaled = false leaves
+// the scale out (the record must have one group; `unit_scale` reads it): a caller that multiplies
+// the scale into the dot product or the probability instead saves a multiply per element.
+template <int KIND, int NC, bool kScaled = true>
 ADAKV_INLINE void decode_record(const uint8_t* rec, const Layout& L, int nc, __m512* out) {
   constexpr int code = KIND == kNibbleKind ? 2 : KIND;
   const int n = NC ? NC : nc;
@@ -391,6 +393,7 @@ ADAKV_INLINE void decode_record(const uint8_t* rec, const Layout& L, int nc, __m
             lv);
       }
     }
+    if constexpr (!kScaled) return;
     // x = LEVELS[code] * scale, per group of group_size elements (>= 16, so whole chunks). The fp16
     // scales are converted together, then broadcast by a permute.
     const __mmask16 gmask = static_cast<__mmask16>((1u << L.num_groups) - 1);
@@ -428,8 +431,25 @@ ADAKV_INLINE __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// The scale of a one-group quantized record (kScaled = false decodes).
+template <int KIND>
+ADAKV_INLINE float unit_scale(const uint8_t* rec, const Layout& L) {
+  constexpr int code = KIND == kNibbleKind ? 2 : KIND;
+  uint16_t h;
+  std::memcpy(&h, rec + L.scales_offset[code], 2);
+  return _cvtsh_ss(h);
+}
+
+// Whether a run's records can be decoded without their scale (one group per record): the scale
+// then multiplies the reduced dot product (keys) or the probability (values) instead of every
+// element -- a different rounding order than the oracle's LEVELS[code] * scale, within fp32 noise.
+template <int KIND>
+ADAKV_INLINE bool folds_scale(const Layout& L) {
+  return KIND != kBf16Kind && KIND != kHalfKind && L.num_groups == 1;
+}
+
 // Scores of RB rows for a run: 4 records at a time, their RB x 4 dot products reduced together.
-template <int KIND, int NC, int RB>
+template <int KIND, int NC, int RB, bool kFold>
 inline void score_rows(const uint8_t* base, int stride, int count, const float* q, float* sc, int d,
                        int sc_stride, const Layout& L) {
   constexpr int cap = NC ? NC : kMaxChunks;
@@ -437,12 +457,14 @@ inline void score_rows(const uint8_t* base, int stride, int count, const float* 
   __m512 kv[cap];
   for (int i = 0; i < count; i += 4) {
     __m512 acc[RB][4];
+    alignas(16) float scale[4] = {0.f, 0.f, 0.f, 0.f};
+    // records past the run's end (its last group of 4) repeat its last record, whose scores land in
+    // the row's slack and are never read: no branch in the loop, so the accumulators stay in registers
+    const int last = count - 1;
     for (int k = 0; k < 4; ++k) {
-      if (i + k >= count) {
-        for (int r = 0; r < RB; ++r) acc[r][k] = _mm512_setzero_ps();
-        continue;
-      }
-      decode_record<KIND, NC>(base + static_cast<int64_t>(i + k) * stride, L, nc, kv);
+      const uint8_t* rec = base + static_cast<int64_t>(std::min(i + k, last)) * stride;
+      decode_record<KIND, NC, !kFold>(rec, L, nc, kv);
+      if constexpr (kFold) scale[k] = unit_scale<KIND>(rec, L);
       for (int r = 0; r < RB; ++r) {
         const float* qr = q + r * d;
         __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qr), kv[0]);
@@ -451,13 +473,16 @@ inline void score_rows(const uint8_t* base, int stride, int count, const float* 
       }
     }
     // sc has 16 slack floats per row beyond the last record, so a 4-wide store may overhang.
-    for (int r = 0; r < RB; ++r)
-      _mm_storeu_ps(sc + r * sc_stride + i, reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
+    for (int r = 0; r < RB; ++r) {
+      __m128 dots = reduce4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
+      if constexpr (kFold) dots = _mm_mul_ps(dots, _mm_load_ps(scale));
+      _mm_storeu_ps(sc + r * sc_stride + i, dots);
+    }
   }
 }
 
 // Accumulate p * v of a value run into RB rows kept in registers.
-template <int KIND, int NC, int RB>
+template <int KIND, int NC, int RB, bool kFold>
 inline void value_rows(const uint8_t* base, int stride, int count, const uint16_t* order,
                        const uint16_t* key_rank, int t_max, const float* p, float* acc_rows, int d,
                        int sc_stride, const Layout& L) {
@@ -470,10 +495,12 @@ inline void value_rows(const uint8_t* base, int stride, int count, const uint16_
   for (int i = 0; i < count; ++i) {
     const int t = order[i];
     if (t >= t_max) continue;
-    decode_record<KIND, NC>(base + static_cast<int64_t>(i) * stride, L, nc, v);
+    const uint8_t* rec = base + static_cast<int64_t>(i) * stride;
+    decode_record<KIND, NC, !kFold>(rec, L, nc, v);
+    const float scale = kFold ? unit_scale<KIND>(rec, L) : 1.f;
     const float* pr = p + key_rank[t];
     for (int r = 0; r < RB; ++r) {
-      const __m512 w = _mm512_set1_ps(pr[r * sc_stride]);
+      const __m512 w = _mm512_set1_ps(kFold ? pr[r * sc_stride] * scale : pr[r * sc_stride]);
       for (int c = 0; c < nc; ++c) acc[r][c] = _mm512_fmadd_ps(w, v[c], acc[r][c]);
     }
   }
@@ -492,11 +519,16 @@ struct Avx512Path {
     for (int r0 = 0; r0 < R.count; r0 += 3) {
       const float* qb = q + r0 * R.d;
       float* sc = R.sc + r0 * R.sc_stride + run.first;
+      const bool fold = folds_scale<KIND>(L);
+#define ADAKV_SCORES(N)                                                                            \
+  (fold ? score_rows<KIND, NC, N, true>(base, run.stride, run.count, qb, sc, R.d, R.sc_stride, L) \
+        : score_rows<KIND, NC, N, false>(base, run.stride, run.count, qb, sc, R.d, R.sc_stride, L))
       switch (std::min(3, R.count - r0)) {
-        case 1: score_rows<KIND, NC, 1>(base, run.stride, run.count, qb, sc, R.d, R.sc_stride, L); break;
-        case 2: score_rows<KIND, NC, 2>(base, run.stride, run.count, qb, sc, R.d, R.sc_stride, L); break;
-        default: score_rows<KIND, NC, 3>(base, run.stride, run.count, qb, sc, R.d, R.sc_stride, L); break;
+        case 1: ADAKV_SCORES(1); break;
+        case 2: ADAKV_SCORES(2); break;
+        default: ADAKV_SCORES(3); break;
       }
+#undef ADAKV_SCORES
     }
   }
   static void scores(const Run& run, const uint8_t* base, const uint16_t*, Rows& R, const Layout& L) {
@@ -525,8 +557,12 @@ struct Avx512Path {
       if (t_max <= 0) continue;
       const float* p = R.sc + r0 * R.sc_stride;
       float* a = acc + r0 * R.d;
-#define ADAKV_VALUES(N) \
-  value_rows<KIND, NC, N>(base, run.stride, run.count, order, key_rank, t_max, p, a, R.d, R.sc_stride, L)
+      const bool fold = folds_scale<KIND>(L);
+#define ADAKV_VALUES(N)                                                                                       \
+  (fold ? value_rows<KIND, NC, N, true>(base, run.stride, run.count, order, key_rank, t_max, p, a, R.d,      \
+                                        R.sc_stride, L)                                                     \
+        : value_rows<KIND, NC, N, false>(base, run.stride, run.count, order, key_rank, t_max, p, a, R.d,     \
+                                         R.sc_stride, L))
       switch (rb) {
         case 1: ADAKV_VALUES(1); break;
         case 2: ADAKV_VALUES(2); break;
