@@ -374,6 +374,19 @@ ADAKV_INLINE void decode_record(const uint8_t* rec, const Layout& L, int nc, __m
       // one 32-bit window each, broadcast to 8 lanes and shifted by 3 * (lane % 8).
       const __m512i shift = _mm512_set_epi32(21, 18, 15, 12, 9, 6, 3, 0, 21, 18, 15, 12, 9, 6, 3, 0);
       const __m512i mask = _mm512_set1_epi32(7);
+#ifdef __AVX512VBMI__
+      // VBMI: one byte permute builds both windows from the 8 loaded bytes (lanes 0..7: bytes 0..3,
+      // lanes 8..15: bytes 3..6), with no broadcast from a general register.
+      const __m512i window = _mm512_set_epi32(0x06050403, 0x06050403, 0x06050403, 0x06050403, 0x06050403,
+                                              0x06050403, 0x06050403, 0x06050403, 0x03020100, 0x03020100,
+                                              0x03020100, 0x03020100, 0x03020100, 0x03020100, 0x03020100,
+                                              0x03020100);
+      for (int c = 0; c < n; ++c) {
+        const __m512i bytes = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rec + 6 * c)));
+        const __m512i w = _mm512_permutexvar_epi8(window, bytes);
+        out[c] = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(w, shift), mask), lv);
+      }
+#else
       for (int c = 0; c < n; ++c) {
         uint64_t word;
         std::memcpy(&word, rec + 6 * c, 8);
@@ -381,6 +394,7 @@ ADAKV_INLINE void decode_record(const uint8_t* rec, const Layout& L, int nc, __m
                                                  static_cast<int>(word >> 24));
         out[c] = _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(w, shift), mask), lv);
       }
+#endif
     } else {
       // 4 bytes = 16 crumbs: element i at bit 2i of the little-endian word.
       const __m512i shift = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
