@@ -76,12 +76,17 @@ def parse_configs(names: str, controller_weights: str | None = None) -> list[Eva
     return out
 
 
-def check_training_overlap(configs: list[EvalConfig], spans: list[tuple[int, int]]) -> None:
-    """Refuse to score WikiText-2 token spans that a learned config's controller was trained on.
+def check_training_overlap(
+    configs: list[EvalConfig],
+    spans: list[tuple[int, int]],
+    mc_limits: dict[str, int | None] | None = None,
+) -> None:
+    """Refuse to score text that a learned config's controller was trained on.
 
-    spans: the [start, end) token spans this evaluation scores. The training spans come from the
-    model card beside the weights (`adakv train-controller` writes them); no controller is shipped,
-    so a learned config names its weights (parse_configs)."""
+    spans: the [start, end) WikiText-2 token spans this evaluation scores; mc_limits: the multiple
+    choice tasks it scores and how many examples of each (in file order; None = all). The training
+    spans and examples come from the model card beside the weights (`adakv train-controller`
+    writes them); no controller is shipped, so a learned config names its weights (parse_configs)."""
     import json
 
     from adakv_vllm.controller.model import card_path
@@ -95,10 +100,17 @@ def check_training_overlap(configs: list[EvalConfig], spans: list[tuple[int, int
         card = card_path(weights)
         if not card.is_file():
             raise ValueError(f"{config.name}: no model card {card}, so training text cannot be ruled out")
-        trained = json.loads(card.read_text())["data"]["training_spans"]
-        clash = [(a, b) for a, b in spans for c, d in trained if a < d and c < b]
+        trained = json.loads(card.read_text())["data"]
+        clash = [(a, b) for a, b in spans for c, d in trained["training_spans"] if a < d and c < b]
         if clash:
             raise ValueError(
                 f"{config.name}: the controller was trained on WikiText-2 tokens that this evaluation scores "
                 f"(first clash: window {clash[0]}); choose another --wikitext-window/--wikitext-limit"
             )
+        for task, limit in (mc_limits or {}).items():
+            examples = trained.get("mc_examples", {}).get(task)
+            if examples and (limit is None or limit > examples[0]):
+                raise ValueError(
+                    f"{config.name}: the controller was trained on {task} examples {examples[0]}.."
+                    f"{examples[1] - 1}, which this evaluation scores; use --limit {examples[0]} or less"
+                )

@@ -71,17 +71,18 @@ def main(args: argparse.Namespace) -> int:
         configs.insert(0, parse_configs(REFERENCE)[0])  # KL needs the bf16 reference distributions
     configs.sort(key=lambda c: c.name != REFERENCE)
     model = resolve_model(args.model)
-    if "wikitext" in tasks:
-        from transformers import AutoTokenizer
+    spans = []
+    try:
+        if "wikitext" in tasks:
+            from transformers import AutoTokenizer
 
-        from adakv_vllm.eval.tasks import wikitext_ids, wikitext_spans
+            from adakv_vllm.eval.tasks import wikitext_ids, wikitext_spans
 
-        num_tokens = len(wikitext_ids(AutoTokenizer.from_pretrained(model)))
-        try:
+            num_tokens = len(wikitext_ids(AutoTokenizer.from_pretrained(model)))
             spans = wikitext_spans(num_tokens, args.wikitext_window, args.wikitext_limit)
-            check_training_overlap(configs, spans)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
+        check_training_overlap(configs, spans, {t: args.limit or None for t in tasks if t in MC_TASKS})
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     needle_lengths = [int(x) for x in args.needle_lengths.split(",")]
     settings = {
         "model": model,

@@ -1,4 +1,4 @@
-"""`adakv train-controller`: label WikiText-2 tokens, fit the MLP, write weights + model card.
+"""`adakv train-controller`: label tokens of several texts, fit the MLP, write weights + model card.
 
     adakv train-controller --ablation --out DIR          # the full run: default sizes + ablations
     adakv train-controller --windows 8 --window 64 --epochs 50 --out DIR    # a small run
@@ -7,14 +7,15 @@ then serve with `controller_weights=DIR/smollm2-135m.safetensors` (and `policy="
 
 Stages, each resumable: (1) sensitivity labels in shards of windows under --work (a finished shard
 is never recomputed; delete it to redo), (2) fit with a fixed seed, (3) evaluate on held-out windows
-(classification metrics and the planner's regret against random / rule / attention / oracle
-allocations), optional feature ablations, (4) `<name>.safetensors` + `<name>.card.json` in --out.
-No controller is shipped with the package: the weights are only valid for the quantizer
+of every source (classification metrics and the planner's regret against random / rule / attention /
+oracle allocations), optional feature ablations, (4) `<name>.safetensors` + `<name>.card.json` in
+--out. No controller is shipped with the package: the weights are only valid for the quantizer
 (quant/levels.QUANTIZER_ID) and group size they were labelled with, both recorded in their metadata.
 
-Text: the WikiText-2 test file (the only WikiText split shipped with the data), minus every window the
-evaluation suite scores at its usual settings (eval_exclusions); `adakv eval` refuses to score
-windows that overlap the spans recorded in the card of the weights it evaluates.
+Text (training/sources.py): WikiText-2 minus every window the evaluation suite scores at its usual
+settings, BoolQ passages and HellaSwag contexts from the second halves of their validation files;
+`adakv eval` refuses to score WikiText windows or MC examples recorded in the card of the weights it
+evaluates.
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ from adakv_vllm.training.labels import LABEL_BITS, LabelSettings
 
 NAME = "smollm2-135m"
 HEAD_SIZE = 64
-# (window, limit) pairs of `adakv eval --wikitext-window/--wikitext-limit` whose spans are excluded
-EVAL_SETTINGS = tuple((w, n) for w in (128, 256, 512, 1024) for n in (1, 2, 4, 8, 16, 32, 64))
+DEFAULT_SOURCES = ("wikitext", "boolq", "hellaswag")
 FEATURE_GROUPS = {
     "qerr": ("log_qerr2", "log_qerr3", "log_qerr4", "log_qerr8"),
     "position": ("log_position",),
@@ -49,22 +49,22 @@ FEATURE_GROUPS = {
 RAW_KEYS = ("token_ids", "prior_count", "qerr", "entropy", "prob", "attention")
 
 
-def eval_exclusions(num_tokens: int) -> list[tuple[int, int]]:
-    from adakv_vllm.eval.tasks import wikitext_spans
-
-    spans = set()
-    for window, limit in EVAL_SETTINGS:
-        if num_tokens >= window:
-            spans.update(wikitext_spans(num_tokens, window, limit))
-    return sorted(spans)
-
-
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="adakv train-controller", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
     ap.add_argument("--out", type=Path, default=Path("controller-out"), help="weights + card go here")
     ap.add_argument("--work", type=Path, default=None, help="label shards (default: OUT/labels)")
-    ap.add_argument("--windows", type=int, default=32, help="training text windows (20%% held out)")
+    ap.add_argument(
+        "--windows",
+        type=int,
+        default=336,
+        help="text windows in all, shared evenly over --sources (the last 20%% of each held out)",
+    )
+    ap.add_argument(
+        "--sources",
+        default=",".join(DEFAULT_SOURCES),
+        help="comma-separated training texts (training/sources.py): wikitext, boolq, hellaswag",
+    )
     ap.add_argument("--shard", type=int, default=32, help="windows labelled per batch / shard file")
     ap.add_argument("--window", type=int, default=LabelSettings.window, help="labelled positions per window")
     ap.add_argument(
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adakv_vllm import model_store
-    from adakv_vllm.eval.tasks import wikitext_ids
+    from adakv_vllm.training import sources as texts
     from adakv_vllm.training.forward import LlamaProbe
     from adakv_vllm.training.labels import label_batch, training_starts
 
@@ -112,32 +112,39 @@ def main(argv=None) -> int:
         position_stride=args.position_stride,
         group_size=args.group_size,
     )
+    names = [n.strip() for n in args.sources.split(",") if n.strip()]
+    counts = texts.split_windows(args.windows, names)
     work = args.work or args.out / "labels"
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    ids = wikitext_ids(tokenizer)
     length = settings.window + settings.horizon
-    starts = training_starts(len(ids), length, args.windows, eval_exclusions(len(ids)))
-    log(f"{len(starts)} windows of {length} tokens from {len(ids)} WikiText-2 tokens; labels in {work}")
+    plan = []  # (source, its window starts)
+    for source in texts.load(names, tokenizer):
+        starts = training_starts(len(source.ids), length, counts[source.name], source.exclude)
+        plan.append((source, starts))
+        log(f"{source.name}: {len(starts)} windows of {length} tokens from {len(source.ids)} tokens")
+    log(f"labels in {work}")
 
     probe = None
-    shards = []
-    for k in range(0, len(starts), args.shard):
-        chunk = starts[k : k + args.shard]
-        path = work / f"labels-{shard_key(model_path, settings, chunk)}.safetensors"
-        if not path.exists():
-            if probe is None:
-                model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-                probe = LlamaProbe(model)
-            log(f"labelling windows {k}..{k + len(chunk) - 1}")
-            batch = torch.tensor([ids[a : a + length] for a in chunk])
-            result = label_batch(probe, batch, settings)
-            result["starts"] = torch.tensor(chunk)
-            _save_atomic(result, path)
-        shards.append(_load(path))
+    shards = {}  # source name -> its shards
+    for source, starts in plan:
+        shards[source.name] = []
+        for k in range(0, len(starts), args.shard):
+            chunk = starts[k : k + args.shard]
+            batch = torch.tensor([source.ids[a : a + length] for a in chunk])
+            path = work / f"labels-{shard_key(model_path, settings, chunk, source.name, batch)}.safetensors"
+            if not path.exists():
+                if probe is None:
+                    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+                    probe = LlamaProbe(model)
+                log(f"labelling {source.name} windows {k}..{k + len(chunk) - 1}")
+                result = label_batch(probe, batch, settings)
+                result["starts"] = torch.tensor(chunk)
+                _save_atomic(result, path)
+            shards[source.name].append(_load(path))
     vocab_size = len(tokenizer)
 
-    train_rows, val_rows, val_blocks = _flatten(shards, holdout=max(1, len(starts) // 5))
+    train_rows, val_rows, val_blocks = _flatten(shards)
     cost = fitting.record_bytes(HEAD_SIZE, settings.group_size)
     fit_settings = FitSettings(epochs=args.epochs, label_bits=args.label_bits, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)
@@ -173,7 +180,21 @@ def main(argv=None) -> int:
             str(bits): fitting.allocation_regret(
                 val_blocks, model, cost, bits, HEAD_SIZE, settings.group_size
             )
-            for bits in (2.5, 3.0, 4.0)
+            for bits in (2.5, 3.0, 3.5, 4.0)
+        },
+        "regret_nats_by_source": {
+            name: {
+                str(bits): fitting.allocation_regret(
+                    [b for b in val_blocks if b["source"] == name],
+                    model,
+                    cost,
+                    bits,
+                    HEAD_SIZE,
+                    settings.group_size,
+                )
+                for bits in (3.0, 3.5)
+            }
+            for name in shards
         },
         "regret_nats_with_distribution": {
             str(bits): fitting.allocation_regret(
@@ -203,11 +224,22 @@ def main(argv=None) -> int:
         "weights": weights.name,
         "model": Path(model_path).name,
         "data": {
-            "text": "WikiText-2 test (shared/data/wikitext2/wiki.test.raw), tokenized without special tokens",
-            "excluded_eval_settings": EVAL_SETTINGS,
-            "training_spans": [[a, a + length] for a in starts],
-            "num_windows": len(starts),
-            "held_out_windows": len(starts) // 5 or 1,
+            "sources": [
+                {
+                    "name": source.name,
+                    "text": source.description,
+                    "windows": len(starts),
+                    "held_out_windows": _holdout(len(starts)),
+                    "examples": source.examples,
+                }
+                for source, starts in plan
+            ],
+            "tokenization": "documents joined by a blank line, no special tokens",
+            "excluded_eval_settings": texts.EVAL_SETTINGS,
+            # what `adakv eval` refuses to score (eval/configs.py)
+            "training_spans": [[a, a + length] for s, st in plan if s.name == "wikitext" for a in st],
+            "mc_examples": {s.name: s.examples for s, _ in plan if s.examples},
+            "num_windows": sum(len(st) for _, st in plan),
             "labelled_tokens": {"train": len(s_train), "validation": len(s_val)},
         },
         "labels": {
@@ -239,36 +271,46 @@ def _ablation(x_train, s_train, cost, fit_settings, val_blocks, settings) -> dic
         blocks = [{**b, "x": torch.where(mask, b["x"], 0.0)} for b in val_blocks]
         results[f"without_{group}"] = {
             str(bits): fitting.allocation_regret(blocks, model, cost, bits, HEAD_SIZE, settings.group_size)
-            for bits in (3.0, 4.0)
+            for bits in (3.0, 3.5)
         }
         log(f"ablation without {group}: {results[f'without_{group}']}")
     return results
 
 
-def _flatten(shards: list[dict], holdout: int):
-    """Per-token rows of labelled positions, split by window; held-out windows also as blocks."""
-    windows = []
-    for shard in shards:
-        pos = shard["positions"]
-        for w in range(shard["starts"].numel()):
-            row = {k: shard[k][w, pos] for k in RAW_KEYS}
-            row["positions"] = pos
-            row["sensitivity"] = shard["sensitivity"][w]
-            windows.append(row)
-    train, val = windows[:-holdout], windows[-holdout:]
+def _holdout(num_windows: int) -> int:
+    return max(1, num_windows // 5)
+
+
+def _flatten(shards: dict[str, list[dict]]):
+    """Per-token rows of labelled positions, split by window: the last fifth of every source's
+    windows held out (and also cut into the blocks the engine would seal)."""
+    train, val = [], []
+    for name, source_shards in shards.items():
+        windows = []
+        for shard in source_shards:
+            pos = shard["positions"]
+            for w in range(shard["starts"].numel()):
+                row = {k: shard[k][w, pos] for k in RAW_KEYS}
+                row["positions"] = pos
+                row["sensitivity"] = shard["sensitivity"][w]
+                windows.append(row)
+        cut = len(windows) - _holdout(len(windows))
+        train += windows[:cut]
+        val += [(name, row) for row in windows[cut:]]
 
     def cat(rows):
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
     blocks = []
-    for row in val:
+    for name, row in val:
         block_of = row["positions"] // BLOCK_SIZE  # the blocks the engine would seal
         for b in block_of.unique():
             sel = block_of == b
             block = {k: v[sel] for k, v in row.items()}
             block["s"] = fitting.full_sensitivity(block["sensitivity"])
+            block["source"] = name
             blocks.append(block)
-    return cat(train), cat(val), blocks
+    return cat(train), cat([row for _, row in val]), blocks
 
 
 def _save_atomic(tensors: dict, path: Path) -> None:
@@ -279,11 +321,17 @@ def _save_atomic(tensors: dict, path: Path) -> None:
     tmp.rename(path)
 
 
-def shard_key(model_path: str, settings: LabelSettings, starts: list[int]) -> str:
+def shard_key(
+    model_path: str,
+    settings: LabelSettings,
+    starts: list[int],
+    source: str = "wikitext",
+    tokens: torch.Tensor | None = None,
+) -> str:
     """What a label shard depends on: the model (its folder and config), the quantizer (its id
     names the codebooks, rotation and clip search), every label setting (the group size included)
-    and the windows it labels. A rerun with any of them changed labels anew instead of reusing stale
-    shards."""
+    and the windows it labels (their source, starts and tokens). A rerun with any of them changed
+    labels anew instead of reusing stale shards."""
     config = Path(model_path) / "config.json"
     parts = [
         QUANTIZER_ID,
@@ -291,6 +339,8 @@ def shard_key(model_path: str, settings: LabelSettings, starts: list[int]) -> st
         config.read_text() if config.is_file() else "",
         json.dumps(dataclasses.asdict(settings), sort_keys=True),
         json.dumps(starts),
+        source,
+        "" if tokens is None else hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
     ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 

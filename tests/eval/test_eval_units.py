@@ -170,6 +170,14 @@ def test_eval_refuses_windows_the_learned_controller_was_trained_on(tmp_path):
     check_training_overlap([CONFIGS["rule3"]], [tuple(trained[1])])  # no controller
     with pytest.raises(ValueError, match="trained on WikiText-2 tokens"):
         check_training_overlap(learned, [(200_100, 200_612)])
+    # multiple choice: the card's training examples of a task may not be scored
+    card = {"data": {"training_spans": trained, "mc_examples": {"boolq": [1635, 3270]}}}
+    (tmp_path / "smollm2-135m.card.json").write_text(json.dumps(card))
+    check_training_overlap(learned, [], {"boolq": 1635, "hellaswag": None})
+    with pytest.raises(ValueError, match="trained on boolq examples 1635..3269"):
+        check_training_overlap(learned, [], {"boolq": 1636})
+    with pytest.raises(ValueError, match="use --limit 1635"):
+        check_training_overlap(learned, [], {"boolq": None})
     with pytest.raises(ValueError, match="no model card"):
         check_training_overlap(parse_configs("learned3", str(tmp_path / "other.safetensors")), [(0, 1)])
     with pytest.raises(ValueError, match="no controller_weights"):

@@ -83,10 +83,12 @@ def test_train_controller_command_small_run(tmp_path):
         "-m",
         "adakv_vllm.engine.cli",
         "train-controller",
+        "--sources",
+        "wikitext,hellaswag",
         "--windows",
-        "5",
+        "6",
         "--shard",
-        "3",
+        "2",
         "--window",
         "8",
         "--horizon",
@@ -102,9 +104,14 @@ def test_train_controller_command_small_run(tmp_path):
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "labelling windows 3..4" in done.stderr
+    assert "labelling wikitext windows 2..2" in done.stderr and "labelling hellaswag windows 0..1" in done.stderr
     card = json.loads((out / "smollm2-135m.card.json").read_text())
-    assert card["data"]["num_windows"] == 5 and len(card["data"]["training_spans"]) == 5
+    data = card["data"]
+    assert data["num_windows"] == 6 and len(data["training_spans"]) == 3  # WikiText's windows only
+    assert [s["name"] for s in data["sources"]] == ["wikitext", "hellaswag"]
+    assert [s["held_out_windows"] for s in data["sources"]] == [1, 1]  # the last of each source
+    assert data["mc_examples"] == {"hellaswag": [5021, 10042]}  # the second half of the file
+    assert set(card["metrics"]["regret_nats_by_source"]) == {"wikitext", "hellaswag"}
     assert card["features"] == list(FEATURE_NAMES) and card["labels"]["quantizer"] == QUANTIZER_ID
     assert set(card["metrics"]["regret_nats"]["3.0"]) == {"oracle", "random", "rule", "attention", "learned"}
     weights = out / "smollm2-135m.safetensors"
@@ -129,4 +136,4 @@ def test_train_controller_command_small_run(tmp_path):
         assert torch.isfinite(distortion).all() and (distortion[:, :-1] > distortion[:, 1:]).all()
     # resumable: a second run reuses both label shards
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "labelling windows" not in again.stderr
+    assert again.returncode == 0 and "labelling" not in again.stderr
