@@ -186,10 +186,13 @@ def paged_attention(
         raise ValueError("pages rows must be contiguous")
     if (received is None) != (seen is None):
         raise ValueError("received and seen go together")
+    expected = (staging_key.shape[0], layout.block_size)
     for name, t in (("received", received), ("seen", seen)):
-        expected = (staging_key.shape[0], layout.block_size)
-        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != expected or not t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous {list(expected)} float32 tensor, got {list(t.shape)} {t.dtype}")
+        if t is None or (t.dtype == torch.float32 and tuple(t.shape) == expected and t.is_contiguous()):
+            continue
+        raise ValueError(
+            f"{name} must be a contiguous {list(expected)} float32 tensor, got {list(t.shape)} {t.dtype}"
+        )
     block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     seq_lens, query_start_loc = seq_lens.contiguous(), query_start_loc.contiguous()
     staging_key, staging_value = staging_key.contiguous(), staging_value.contiguous()

@@ -165,7 +165,8 @@ def test_pure_decode_step_measures_in_the_kernel_what_the_store_measures(impl, s
     md, rows = metadata(decodes)
     table = md.block_table.to(torch.int64)
     positions = md.seq_lens.to(torch.int64) - 1
-    slot_mapping = table[torch.arange(len(decodes)), positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+    blocks = table[torch.arange(len(decodes)), positions // BLOCK_SIZE]
+    slot_mapping = blocks * BLOCK_SIZE + positions % BLOCK_SIZE
     staging = store.staging
     store.track_attention = True
     try:

@@ -246,16 +246,18 @@ def test_fused_in_block_measurement_matches_block_attention(module, case, path):
     want_seen[slots] += expected_seen
     assert slots.numel() > 0
     torch.testing.assert_close(seen, want_seen, rtol=0, atol=0)
-    torch.testing.assert_close(received, want, rtol=2e-5, atol=2e-5 if case.query_dtype == torch.float32 else 1e-3)
+    atol = 2e-5 if case.query_dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(received, want, rtol=2e-5, atol=atol)
 
 
 def test_measurement_needs_both_buffers(module):
     args, codec = _problem(Case("m", (40,)))
+    common = {"layout": codec.layout, "scale": 1.0, "module": module}
     with pytest.raises(ValueError, match="received and seen"):
-        cpu.paged_attention(**args, layout=codec.layout, scale=1.0, module=module, received=torch.zeros(3, 32))
+        cpu.paged_attention(**args, **common, received=torch.zeros(3, 32))
     with pytest.raises(ValueError, match="received must be"):
         bad = torch.zeros(args["staging_key"].shape[0], 31)
-        cpu.paged_attention(**args, layout=codec.layout, scale=1.0, module=module, received=bad, seen=bad)
+        cpu.paged_attention(**args, **common, received=bad, seen=bad)
 
 
 def test_splits_do_not_change_the_result(module):

@@ -104,7 +104,8 @@ def test_train_controller_command_small_run(tmp_path):
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "labelling wikitext windows 2..2" in done.stderr and "labelling hellaswag windows 0..1" in done.stderr
+    assert "labelling wikitext windows 2..2" in done.stderr
+    assert "labelling hellaswag windows 0..1" in done.stderr
     card = json.loads((out / "smollm2-135m.card.json").read_text())
     data = card["data"]
     assert data["num_windows"] == 6 and len(data["training_spans"]) == 3  # WikiText's windows only

@@ -43,7 +43,8 @@ def test_mc_sources_take_the_second_half_of_their_files_only():
     assert boolq.examples == (len(rows) // 2, len(rows))
     text = "".join(map(chr, boolq.ids))
     assert rows[-1]["passage"] in text
-    only_early = {r["passage"] for r in rows[: len(rows) // 2]} - {r["passage"] for r in rows[len(rows) // 2 :]}
+    half = len(rows) // 2
+    only_early = {r["passage"] for r in rows[:half]} - {r["passage"] for r in rows[half:]}
     assert not any(p in text for p in list(only_early)[:50])
     hellaswag = sources.hellaswag(tok)
     first, end = hellaswag.examples
