@@ -6,9 +6,9 @@ can refuse to score what a controller was trained on:
 
   wikitext   the WikiText-2 test file (the only split shipped) minus every window `adakv eval` scores
              at its usual settings (EVAL_SETTINGS): encyclopedic prose with headings and lists;
-  boolq      the unique passages of the second half of BoolQ's validation file (`adakv eval` takes
-             examples in file order, so `--limit` up to that half never sees them): short
-             encyclopedic paragraphs, each starting with its title;
+  boolq      the unique passages of the second half of BoolQ's validation file that no example of
+             the first half reads (`adakv eval` takes examples in file order, so `--limit` up to that
+             half never sees them): short encyclopedic paragraphs, each starting with its title;
   hellaswag  context + correct ending of the second half of HellaSwag's validation file: short,
              plain narrative sentences (WikiHow and ActivityNet captions).
 
@@ -52,13 +52,16 @@ def wikitext(tokenizer) -> Source:
 def boolq(tokenizer) -> Source:
     rows = data._jsonl(data.data_dir() / "boolq" / "val.jsonl")
     first = len(rows) // 2
-    passages = list(dict.fromkeys(r["passage"] for r in rows[first:]))  # unique, in file order
+    # a passage can serve several questions: one that an example of the first half also reads is left out
+    scored = {r["passage"] for r in rows[:first]}
+    passages = [p for p in dict.fromkeys(r["passage"] for r in rows[first:]) if p not in scored]
     return Source(
         "boolq",
         _ids(tokenizer, passages),
         [],
         (first, len(rows)),
-        f"BoolQ validation passages of examples {first}..{len(rows) - 1} ({len(passages)} unique)",
+        f"BoolQ validation passages of examples {first}..{len(rows) - 1} that no earlier example reads "
+        f"({len(passages)} unique)",
     )
 
 

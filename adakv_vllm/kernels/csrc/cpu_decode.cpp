@@ -472,8 +472,9 @@ inline void score_rows(const uint8_t* base, int stride, int count, const float* 
   for (int i = 0; i < count; i += 4) {
     __m512 acc[RB][4];
     alignas(16) float scale[4] = {0.f, 0.f, 0.f, 0.f};
-    // records past the run's end (its last group of 4) repeat its last record, whose scores land in
-    // the row's slack and are never read: no branch in the loop, so the accumulators stay in registers
+    // records past the run's end (its last group of 4) repeat its last record; their scores land past
+    // the run, in the next run's places (scored after this one) or the row's slack, as the zeros of
+    // the branchy form did. No branch in the loop, so the accumulators stay in registers.
     const int last = count - 1;
     for (int k = 0; k < 4; ++k) {
       const uint8_t* rec = base + static_cast<int64_t>(std::min(i + k, last)) * stride;
