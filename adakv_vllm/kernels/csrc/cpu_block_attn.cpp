@@ -69,11 +69,7 @@ void token(const BlockAttnArgs& a, int64_t i, float* out) {
   for (int j = 0; j < bs; ++j) out[j] = 0.f;
   for (int h = 0; h < heads; ++h) {
     float* s = scores.data() + static_cast<size_t>(h) * visible;
-    float top = s[0];
-    for (int j = 1; j < visible; ++j) top = std::fmax(top, s[j]);
-    float total = 0.f;
-    for (int j = 0; j < visible; ++j) total += (s[j] = std::exp(s[j] - top));
-    for (int j = 0; j < visible; ++j) out[j] += s[j] / total;
+    adakv::add_softmax(s, visible, s, out);
   }
 }
 

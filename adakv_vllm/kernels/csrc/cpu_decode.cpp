@@ -751,16 +751,9 @@ inline void measure_in_block(const Rows& R, const int* qpos, int64_t base, int b
     const int64_t offset = qpos[r] - base;
     if (offset < 0 || offset >= bs) continue;
     const int n = static_cast<int>(offset) + 1;
-    const float* sc = R.sc + r * R.sc_stride;
-    float mx = kNegInf, sum = 0.f;
-    for (int j = 0; j < n; ++j) mx = std::max(mx, sc[j]);
-    float p[kMaxBlockSize];
-    for (int j = 0; j < n; ++j) sum += p[j] = std::exp(sc[j] - mx);
-    const float inv = 1.f / sum;
-    for (int j = 0; j < n; ++j) {
-      received[j] += p[j] * inv;
-      seen[j] += 1.f;
-    }
+    float tmp[kMaxBlockSize];  // the scores stay: the context-wide softmax reads them next
+    adakv::add_softmax(R.sc + r * R.sc_stride, n, tmp, received);
+    for (int j = 0; j < n; ++j) seen[j] += 1.f;
   }
 }
 

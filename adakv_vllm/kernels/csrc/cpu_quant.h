@@ -462,4 +462,14 @@ inline void widen(int64_t dtype, const void* base, int64_t index, int n, float* 
   }
 }
 
+// The in-block attention measurement's step for one query head (kernels/block_attention.py):
+// out[j] += softmax(s[0..n))[j]. tmp (n floats, may be s itself) receives exp(s[j] - max s).
+inline void add_softmax(const float* s, int n, float* tmp, float* out) {
+  float top = s[0];
+  for (int j = 1; j < n; ++j) top = std::fmax(top, s[j]);
+  float total = 0.f;
+  for (int j = 0; j < n; ++j) total += (tmp[j] = std::exp(s[j] - top));
+  for (int j = 0; j < n; ++j) out[j] += tmp[j] / total;
+}
+
 }  // namespace adakv
