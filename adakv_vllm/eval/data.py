@@ -55,10 +55,20 @@ def _lines(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def hellaswag(root: Path) -> list[MCExample]:
+def hellaswag_rows(root: Path) -> list[dict]:
+    """HellaSwag's validation rows in file order (the file ships in parts)."""
     rows = []
     for part in sorted((root / "hellaswag").glob("hellaswag_val.part*.jsonl")):
         rows += _jsonl(part)
+    return rows
+
+
+def boolq_rows(root: Path) -> list[dict]:
+    return _jsonl(root / "boolq" / "val.jsonl")
+
+
+def hellaswag(root: Path) -> list[MCExample]:
+    rows = hellaswag_rows(root)
     return [
         MCExample(tuple(Choice(r["query"], " " + e) for e in r["endings"]), int(r["label"])) for r in rows
     ]
@@ -107,7 +117,7 @@ def openbookqa(root: Path) -> list[MCExample]:
 
 def boolq(root: Path) -> list[MCExample]:
     out = []
-    for r in _jsonl(root / "boolq" / "val.jsonl"):
+    for r in boolq_rows(root):
         context = f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:"
         out.append(MCExample((Choice(context, " no"), Choice(context, " yes")), int(bool(r["label"]))))
     return out

@@ -50,7 +50,7 @@ def wikitext(tokenizer) -> Source:
 
 
 def boolq(tokenizer) -> Source:
-    rows = data._jsonl(data.data_dir() / "boolq" / "val.jsonl")
+    rows = data.boolq_rows(data.data_dir())
     first = len(rows) // 2
     # a passage can serve several questions: one that an example of the first half also reads is left out
     scored = {r["passage"] for r in rows[:first]}
@@ -66,9 +66,7 @@ def boolq(tokenizer) -> Source:
 
 
 def hellaswag(tokenizer) -> Source:
-    rows = []
-    for part in sorted((data.data_dir() / "hellaswag").glob("hellaswag_val.part*.jsonl")):
-        rows += data._jsonl(part)
+    rows = data.hellaswag_rows(data.data_dir())
     first = len(rows) // 2
     texts = [f"{r['query']} {r['endings'][int(r['label'])]}" for r in rows[first:]]
     return Source(

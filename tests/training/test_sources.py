@@ -38,7 +38,7 @@ def test_mc_sources_take_the_second_half_of_their_files_only():
     """`adakv eval --limit N` scores the first N examples in file order: training text comes from
     the examples after the midpoint, and the source says which."""
     tok = CharTokenizer()
-    rows = data._jsonl(data.data_dir() / "boolq" / "val.jsonl")
+    rows = data.boolq_rows(data.data_dir())
     boolq = sources.boolq(tok)
     assert boolq.examples == (len(rows) // 2, len(rows))
     text = "".join(map(chr, boolq.ids))
