@@ -113,16 +113,19 @@ def main(argv=None) -> int:
         group_size=args.group_size,
     )
     names = [n.strip() for n in args.sources.split(",") if n.strip()]
-    counts = texts.split_windows(args.windows, names)
-    work = args.work or args.out / "labels"
-    work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     length = settings.window + settings.horizon
     plan = []  # (source, its window starts)
-    for source in texts.load(names, tokenizer):
-        starts = training_starts(len(source.ids), length, counts[source.name], source.exclude)
-        plan.append((source, starts))
-        log(f"{source.name}: {len(starts)} windows of {length} tokens from {len(source.ids)} tokens")
+    try:  # bad --sources / --windows: a clear message before any labelling
+        counts = texts.split_windows(args.windows, names)
+        for source in texts.load(names, tokenizer):
+            starts = training_starts(len(source.ids), length, counts[source.name], source.exclude)
+            plan.append((source, starts))
+            log(f"{source.name}: {len(starts)} windows of {length} tokens from {len(source.ids)} tokens")
+    except ValueError as e:
+        raise SystemExit(f"adakv train-controller: {e}") from None
+    work = args.work or args.out / "labels"
+    work.mkdir(parents=True, exist_ok=True)
     log(f"labels in {work}")
 
     probe = None

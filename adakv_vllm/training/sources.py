@@ -90,6 +90,10 @@ def load(names: list[str], tokenizer) -> list[Source]:
 
 def split_windows(total: int, names: list[str]) -> dict[str, int]:
     """`total` windows shared evenly over the sources (the first ones take the remainder)."""
+    if not names:
+        raise ValueError(f"no training source given; choose from {sorted(SOURCES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a training source is named twice: {names}")
     if total < len(names):
         raise ValueError(f"{total} windows cannot cover {len(names)} sources; give at least one each")
     share, extra = divmod(total, len(names))

@@ -138,3 +138,11 @@ def test_train_controller_command_small_run(tmp_path):
     # resumable: a second run reuses both label shards
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "labelling" not in again.stderr
+
+
+def test_train_controller_refuses_bad_sources_before_labelling(tmp_path):
+    cmd = [sys.executable, "-m", "adakv_vllm.engine.cli", "train-controller", "--out", str(tmp_path / "out")]
+    for sources, message in (("wikitext,reddit", "unknown training source"), (",", "no training source")):
+        done = subprocess.run([*cmd, "--sources", sources], capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing written

@@ -27,6 +27,10 @@ def test_windows_are_shared_evenly_over_the_sources():
     assert sources.split_windows(5, ["a", "b"]) == {"a": 3, "b": 2}
     with pytest.raises(ValueError, match="at least one each"):
         sources.split_windows(1, ["a", "b"])
+    with pytest.raises(ValueError, match="no training source"):
+        sources.split_windows(10, [])
+    with pytest.raises(ValueError, match="named twice"):
+        sources.split_windows(10, ["boolq", "boolq"])
 
 
 def test_unknown_source_is_refused():
