@@ -217,21 +217,40 @@ struct Rows {
 };
 
 // ================================ portable path =================================================
+// Plain C++ written so that the compiler vectorizes it for whatever -march=native offers (AVX2 on
+// CPUs without AVX-512, NEON on Arm): the dot products keep 8 independent partial sums (the fp32
+// adds stay in a fixed order, -ffp-contract=off), and decoding looks codes up unscaled, then
+// multiplies each 16-element chunk by its group's scale in a loop of its own. A decoded element is
+// still the fp32 product LEVELS[code] * scale of the oracle.
+constexpr int kLanes = 8;
+
+// sum_e a[e] * b[e], d a multiple of 16 (format.py: HEAD_SIZE_MULTIPLE)
+inline float dot_lanes(const float* a, const float* b, int d) {
+  float part[kLanes] = {};
+  for (int e = 0; e < d; e += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] += a[e + j] * b[e + j];
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
 struct ScalarPath {
   static constexpr bool kNibbleOrder = false;
 
-  // A quantized record, one little-endian word at a time: 16 codes (4, 6 or 8 bytes) at 2/3/4 bits,
-  // 8 codes at 8 bits; element i of the word at bits [i*bits, (i+1)*bits).
+  // A quantized record's codes -> levels, unscaled. 2 and 4 bits a byte at a time (elements of a
+  // byte in little-endian bit order); 3 and 8 bits one little-endian word at a time: 16 codes
+  // (6 bytes) at 3 bits, 8 codes at 8 bits, element i of the word at bits [i*bits, (i+1)*bits).
   template <int kBits>
-  static void decode_codes(const uint8_t* rec, const Layout& L, const float* levels, int scales_offset,
-                           float* out) {
-    constexpr int kPerWord = kBits == 8 ? 8 : 16;
-    const uint16_t* scales = reinterpret_cast<const uint16_t*>(rec + scales_offset);
-    for (int i = 0; i < L.head_size; i += kPerWord) {
-      uint64_t word = 0;
-      std::memcpy(&word, rec + i * kBits / 8, kPerWord * kBits / 8);
-      const float s = half_to_float(scales[(i >> 4) >> L.chunk_shift]);  // groups hold whole 16-chunks
-      for (int j = 0; j < kPerWord; ++j) out[i + j] = levels[(word >> (j * kBits)) & ((1u << kBits) - 1)] * s;
+  static void decode_levels(const uint8_t* rec, int d, const float* levels, float* out) {
+    if constexpr (kBits == 2 || kBits == 4) {
+      constexpr int kPerByte = 8 / kBits;
+      for (int i = 0; i < d / kPerByte; ++i)
+        for (int j = 0; j < kPerByte; ++j) out[i * kPerByte + j] = levels[(rec[i] >> (j * kBits)) & ((1u << kBits) - 1)];
+    } else {
+      constexpr int kPerWord = kBits == 8 ? 8 : 16;
+      for (int i = 0; i < d; i += kPerWord) {
+        uint64_t word = 0;
+        std::memcpy(&word, rec + i * kBits / 8, kPerWord * kBits / 8);
+        for (int j = 0; j < kPerWord; ++j) out[i + j] = levels[(word >> (j * kBits)) & ((1u << kBits) - 1)];
+      }
     }
   }
 
@@ -239,35 +258,39 @@ struct ScalarPath {
     const int d = L.head_size;
     if (kind >= kBf16Kind) {
       const uint16_t* x = reinterpret_cast<const uint16_t*>(rec);
-      for (int i = 0; i < d; ++i) out[i] = kind == kBf16Kind ? bf16_to_float(x[i]) : half_to_float(x[i]);
+      if (kind == kBf16Kind)
+        for (int i = 0; i < d; ++i) out[i] = bf16_to_float(x[i]);
+      else
+        for (int i = 0; i < d; ++i) out[i] = half_to_float(x[i]);
       return;
     }
     const float* levels = L.levels[kind];
     switch (L.bits[kind]) {
-      case 2: decode_codes<2>(rec, L, levels, L.scales_offset[kind], out); break;
-      case 3: decode_codes<3>(rec, L, levels, L.scales_offset[kind], out); break;
-      case 4: decode_codes<4>(rec, L, levels, L.scales_offset[kind], out); break;
-      default: decode_codes<8>(rec, L, levels, L.scales_offset[kind], out); break;
+      case 2: decode_levels<2>(rec, d, levels, out); break;
+      case 3: decode_levels<3>(rec, d, levels, out); break;
+      case 4: decode_levels<4>(rec, d, levels, out); break;
+      default: decode_levels<8>(rec, d, levels, out); break;
+    }
+    const uint16_t* scales = reinterpret_cast<const uint16_t*>(rec + L.scales_offset[kind]);
+    for (int c = 0; c < d / 16; ++c) {  // groups hold whole 16-element chunks
+      const float s = half_to_float(scales[c >> L.chunk_shift]);
+      for (int j = 0; j < 16; ++j) out[c * 16 + j] *= s;
     }
   }
 
   static void scores(const Run& run, const uint8_t* base, const uint16_t* order, Rows& R, const Layout& L) {
     (void)order;
-    float k[kMaxHeadSize];
+    alignas(64) float k[kMaxHeadSize];
     const float* q = run.kind < kBf16Kind ? R.qrot : R.q;
     for (int i = 0; i < run.count; ++i) {
       decode(run.kind, base + static_cast<int64_t>(i) * run.stride, L, k);
-      for (int r = 0; r < R.count; ++r) {
-        float dot = 0.f;
-        for (int e = 0; e < R.d; ++e) dot += q[r * R.d + e] * k[e];
-        R.sc[r * R.sc_stride + run.first + i] = dot;
-      }
+      for (int r = 0; r < R.count; ++r) R.sc[r * R.sc_stride + run.first + i] = dot_lanes(q + r * R.d, k, R.d);
     }
   }
 
   static void values(const Run& run, const uint8_t* base, const uint16_t* order, const uint16_t* key_rank,
                      Rows& R, const Layout& L) {
-    float v[kMaxHeadSize];
+    alignas(64) float v[kMaxHeadSize];
     float* acc = run.kind < kBf16Kind ? R.acc_rot : R.acc;
     const int t_max = R.visible[R.count - 1];
     for (int i = 0; i < run.count; ++i) {
