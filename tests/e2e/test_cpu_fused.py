@@ -53,9 +53,10 @@ def test_fused_16_bits_matches_stock(probe):
     # prompts, not all, start identically; on a real bug (a wrong record, a missed block) none would
     same_start = sum(a[0][:8] == b[0][:8] for a, b in zip(ours["token_ids"], stock["token_ids"], strict=True))
     assert same_start >= 6
-    # measured 0.76 of the generated tokens before the first divergence (8 prompts x 64); a wrong
-    # record or block reads like 4-bit against stock instead
-    assert prefix_share(ours, stock) >= 0.6
+    # measured 0.76 of the generated tokens before the first divergence (8 prompts x 64) on AVX-512,
+    # 0.58 on an AVX2-only CPU, whose stock kernel rounds its sums differently; a wrong record or
+    # block reads like 4-bit against stock instead
+    assert prefix_share(ours, stock) >= 0.5
 
 
 def test_fused_and_scratch_agree_at_4_bits(probe):
