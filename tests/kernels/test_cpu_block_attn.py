@@ -57,6 +57,19 @@ def test_strided_query_rows_and_adds_to_what_is_there(module):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_tokens_of_a_block_in_any_order(module):
+    """The kernel widens a block's keys once per run of tokens of one slot; tokens of a block that
+    come apart, out of position order, between other blocks' tokens, give the same attention."""
+    query, key, slot_of_block, mapping = _case("mixed", torch.bfloat16, seed=5)
+    where = ba.locate(slot_of_block, mapping, BS, H)
+    order = torch.randperm(where.rows.numel(), generator=torch.Generator().manual_seed(0))
+    got = torch.zeros(key.shape[0], BS)
+    rows, slots, offsets = where.rows[order], where.staged[order], where.offset[order]
+    cpu.block_attention(query, key, rows, slots, offsets, 0.2, got, module)
+    expected = torch.zeros(key.shape[0], BS).index_add_(0, where.unique, ba.attend(query, key, where, 0.2))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_threads_do_not_change_the_result(module):
     case = _case("prefill", torch.bfloat16, seed=2)
     before = torch.get_num_threads()
