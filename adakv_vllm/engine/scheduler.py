@@ -155,13 +155,16 @@ class AdaKVScheduler(Scheduler):
         (blocks/staging.step_limits); vLLM reads both limits afresh in every schedule()."""
         max_tokens, max_active = self._configured_limits
         prefilling = sum(1 for r in self.running if r.num_computed_tokens < r.num_tokens - 1)
+        # no more admissions than requests wait: the slots they would hold back go to the chunks
+        # (one 4096-token prompt is then prefilled in one step, as stock does, not in two)
+        _, waiting = self.get_request_counts()
         tokens, admit = step_limits(
             self.staging_slots,
             len(self.running),
             prefilling,
             self.layout.block_size,
             max_tokens,
-            max(0, max_active - len(self.running)),
+            max(0, min(max_active - len(self.running), waiting)),
         )
         self.max_num_scheduled_tokens = tokens
         self.max_num_active_reqs = len(self.running) + admit

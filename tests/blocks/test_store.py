@@ -283,3 +283,22 @@ def test_attention_compiled_equals_the_torch_fallback(monkeypatch):
     fallback = run()
     assert compiled.keys() == fallback.keys() == {4}
     torch.testing.assert_close(torch.tensor(compiled[4]), torch.tensor(fallback[4]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("waiting, tokens, active", [(1, 4096, 1), (0, 4096, 0), (300, 3712, 116)])
+def test_admissions_hold_back_slots_only_for_waiting_requests(waiting, tokens, active):
+    """233 slots (the default reserve at 4 GiB), an idle engine: one waiting prompt gets the whole
+    token budget (one step for a 4096-token prompt, as stock), many share it with their admissions."""
+    import types
+
+    from adakv_vllm.engine.scheduler import AdaKVScheduler
+
+    sched = types.SimpleNamespace(
+        _configured_limits=(4096, 256),
+        running=[],
+        staging_slots=233,
+        layout=types.SimpleNamespace(block_size=32),
+        get_request_counts=lambda: (0, waiting),
+    )
+    AdaKVScheduler._fit_staging(sched)
+    assert (sched.max_num_scheduled_tokens, sched.max_num_active_reqs) == (tokens, active)
