@@ -50,9 +50,12 @@ def test_16_bits_matches_stock(probe):
 def test_static_8_bits_close_to_stock_and_bit_map_readback(probe):
     stock = probe(STOCK)
     ours = probe(adakv({"target_bits": 8, "policy": "static"}, inspect=True))
-    # measured 0.71 of the generated tokens before the first divergence (16 bits through the fused
-    # kernel: 0.76; the one-ulp roundings that flip greedy near-ties dominate)
-    assert prefix_share(ours, stock) >= 0.55
+    # measured 0.71 of the generated tokens before the first divergence on an Intel AVX-512 CPU, 0.48
+    # on a Zen 5 (16 bits through the fused kernel: 0.76 and 0.46; the roundings that flip greedy
+    # near-ties dominate, and they differ per CPU); most prompts still start alike
+    same_start = sum(a[0][:8] == b[0][:8] for a, b in zip(ours["token_ids"], stock["token_ids"], strict=True))
+    assert same_start >= 6
+    assert prefix_share(ours, stock) >= 0.4
     assert ours["sealed_blocks"], "nothing was sealed: the test does not exercise pages"
     assert all(row == [8] * len(row) for row in ours["read_key_bits"])
     _check_bit_map(ours)
