@@ -51,8 +51,8 @@ def step_limits(
     at most n / block_size + 1 in all. With T tokens and A admissions, a step needs at most
         num_running + num_prefilling + A + T / block_size
     slots, and the limits keep that within the reserve (with one slot to spare). Half the free slots
-    may go to admissions (at most max_admit: the caller passes no more than wait); the rest sizes the
-    chunks. At least one block of tokens is always granted, so running requests keep decoding."""
+    may go to admissions (at most max_admit, which the caller caps at the requests waiting); the rest sizes
+    the chunks. At least one block of tokens is always granted, so running requests keep decoding."""
     free = reserve - num_running - num_prefilling - 1
     admit = max(0, min(max_admit, free // 2))
     tokens = block_size * (free - admit)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.test_engine import LLM_ARGS, SCRATCH, STOCK, adakv, prefix_share
+from tests.e2e.test_engine import LLM_ARGS, SCRATCH, STOCK, adakv, prefix_share, same_start
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +47,8 @@ def test_torch_compile_mode(probe):
     scratch = probe(adakv({"target_bits": 16}, llm=compiled), env=SCRATCH)
     assert scratch["token_ids"] == stock["token_ids"]
     fused = probe(adakv({"target_bits": 16}, llm=compiled))
-    pairs = zip(fused["token_ids"], stock["token_ids"], strict=True)
-    same_start = sum(a[0][:8] == b[0][:8] for a, b in pairs)
-    assert same_start >= 6
+    same = same_start(fused, stock)
+    assert same >= 6
     agreement = prefix_share(fused, stock)
-    print(f"compiled: fused 16-bit vs stock {agreement:.3f}, same first 8 tokens {same_start}/8")
+    print(f"compiled: fused 16-bit vs stock {agreement:.3f}, same first 8 tokens {same}/8")
     assert agreement >= 0.9
