@@ -1,7 +1,8 @@
 """Where a throughput run's time goes: one engine in this process under cProfile, stock or AdaKV.
 
     python benchmarks/profile_throughput.py [--config adakv|stock] [--option KEY=VALUE ...]
-        [--num-prompts 32 --input-len 512 --output-len 128] [--top 25] [--out prof.pstats] [--no-profile]
+        [--num-prompts 32 --input-len 512 --output-len 128] [--top 25] [--out prof.pstats]
+        [--no-profile | --timers]
 
 The engine runs at its own defaults (nothing set but VLLM_CPU_KVCACHE_SPACE, default 4 GiB), in
 this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so that one profile sees the scheduler, the worker
@@ -17,12 +18,20 @@ entry points include wrappers around vLLM's own work (the worker's execute_model
 model forward), so they are listed, not called overhead; the pieces that are AdaKV's own work
 (sealing, staging writes, the attention policy's measurement, the scheduler) are listed apart by
 their cumulative time, beside the attention paths (which replace stock's attention).
+
+`--timers` measures those pieces without the profiler (whose per-call cost inflates Python-heavy
+pieces several-fold): each is wrapped in a wall-clock timer (perf_counter, about a microsecond per
+call) around the second call, and its seconds and share of that call's wall time are printed; the
+scheduler's own work is AdaKV's schedule() minus the stock schedule() it calls. Run it for both
+configs: stock's cache writes and scheduling are the equivalents AdaKV's pieces replace.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
+import functools
 import json
 import os
 import pstats
@@ -76,6 +85,75 @@ def pieces(stats: pstats.Stats) -> dict[str, float]:
     return out
 
 
+# label -> (module, class, method) wrapped by --timers; a call nested in one of its own label (a
+# subclass's method calling its parent's) is counted once, in the outermost
+TIMED = {
+    "sealing pages": ("adakv_vllm.blocks.store", "KVStore", "seal"),
+    "staging writes": ("adakv_vllm.blocks.store", "KVStore", "write"),
+    "attention policy's measurement": ("adakv_vllm.blocks.store", "KVStore", "observe_attention"),
+    "quantization-error feature": ("adakv_vllm.blocks.store", "KVStore", "step_features"),
+    "AdaKV schedule()": ("adakv_vllm.engine.scheduler", "AdaKVScheduler", "schedule"),
+    "AdaKV update_from_output()": ("adakv_vllm.engine.scheduler", "AdaKVScheduler", "update_from_output"),
+    "stock schedule()": ("vllm.v1.core.sched.scheduler", "Scheduler", "schedule"),
+    "stock update_from_output()": ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"),
+    "stock cache writes": (
+        "vllm.v1.attention.backends.cpu_attn",
+        "CPUAttentionBackendImpl",
+        "do_kv_cache_update",
+    ),
+    "attention (AdaKV's forward)": ("adakv_vllm.attention.backend", "AdaKVAttentionImpl", "forward"),
+    "attention (stock's forward)": (
+        "vllm.v1.attention.backends.cpu_attn",
+        "CPUAttentionBackendImpl",
+        "forward",
+    ),
+}
+OWN_WORK = ("sealing pages", "staging writes", "attention policy's measurement", "quantization-error feature")
+
+
+class Timers:
+    """Wall-clock seconds per label of the methods in TIMED, while `on`."""
+
+    def __init__(self):
+        self.on = False
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self._depth: dict[str, int] = collections.defaultdict(int)
+
+    def install(self) -> None:
+        import importlib
+
+        for label, (module, cls, name) in TIMED.items():
+            owner = getattr(importlib.import_module(module), cls)
+            setattr(owner, name, self._timed(label, owner.__dict__[name]))
+
+    def _timed(self, label: str, method):
+        @functools.wraps(method)
+        def timed(*args, **kwargs):
+            if not self.on or self._depth[label]:
+                return method(*args, **kwargs)
+            self._depth[label] += 1
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - started
+                self._depth[label] -= 1
+
+        return timed
+
+    def report(self, wall: float) -> None:
+        s = self.seconds
+        scheduler = s["AdaKV schedule()"] - s["stock schedule()"]
+        scheduler += s["AdaKV update_from_output()"] - s["stock update_from_output()"]
+        lines = [(s[label], label) for label in TIMED if s[label]]
+        if s["AdaKV schedule()"]:
+            own = sum(s[label] for label in OWN_WORK) + scheduler
+            lines.append((scheduler, "AdaKV's scheduler work (beyond stock's)"))
+            lines.append((own, "AdaKV's own work (the four pieces above + scheduler work)"))
+        for seconds, label in lines:
+            print(f"  {seconds:8.3f} s  {100 * seconds / wall:5.1f}%  {label}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,7 +165,11 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None, help="also write the raw pstats here")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="AdaKV option")
-    parser.add_argument("--no-profile", action="store_true", help="time both halves, no profiler")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--no-profile", action="store_true", help="time both halves, no profiler")
+    mode.add_argument(
+        "--timers", action="store_true", help="time AdaKV's pieces with wall-clock timers, no profiler"
+    )
     args = parser.parse_args()
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -101,6 +183,9 @@ def main() -> int:
     for item in args.option:
         key, _, value = item.partition("=")
         options[key] = json.loads(value)
+    timers = Timers()
+    if args.timers:
+        timers.install()  # before the engine starts: vLLM binds some methods at construction
     llm = LLM(resolve_model(None), additional_config=options)
     rng = np.random.default_rng(0)
     prompts = [
@@ -119,6 +204,16 @@ def main() -> int:
         tokens = len(prompts) * args.output_len
         rate = tokens / (plain + second)
         print(f"config {args.config} {options}: {plain:.2f} s + {second:.2f} s, {rate:.1f} output tok/s")
+        return 0
+    if args.timers:
+        timers.on = True
+        started = time.perf_counter()
+        llm.generate(prompts[len(prompts) // 2 :], params, use_tqdm=False)
+        wall = time.perf_counter() - started
+        half = args.num_prompts // 2
+        print(f"config {args.config}: {half} prompts x {args.input_len} in / {args.output_len} out per call")
+        print(f"wall: first call (no timers) {plain:.2f} s, timed call {wall:.2f} s; wall-clock timers:")
+        timers.report(wall)
         return 0
     profiler = cProfile.Profile()
     started = time.perf_counter()
