@@ -47,6 +47,14 @@ def test_matches_attend(module, name, dtype):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-4, 3.0, 40.0])
+def test_flat_and_peaked_softmax(module, scale):
+    """The kernel's exp is a polynomial that flushes e**x below 2**-126 to 0: near-uniform, peaked
+    and one-hot attention (scores far apart) all match the oracle's torch.softmax."""
+    got, expected = _both(*_case("mixed", torch.float32, seed=3), module, scale=scale)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_strided_query_rows_and_adds_to_what_is_there(module):
     query, key, slot_of_block, mapping = _case("mixed", torch.bfloat16, seed=9, strided=True)
     assert not query.is_contiguous()

@@ -2,11 +2,12 @@
 // policy's measurement), fused: for every query token i of a step and every query head h,
 //     p_j = softmax over j <= offset_i of  scale * q[row_i, h] . k[slot_i, j, h / group]
 // over the keys of the token's own block up to itself (FP16 staging), and received[slot_i, j] += sum_h p_j.
-// Oracle: kernels/block_attention.py::attend (the same sums in torch's order; fp32 here too, so the
-// results differ by rounding only).
+// Oracle: kernels/block_attention.py::attend (fp32 here too; the dot products summed in another
+// order and exp by a polynomial within 2 ulp, so the results differ by rounding only).
 // Work: a prefill chunk lists a block's tokens one after another, so the tokens come in runs of one
-// staging slot; one OpenMP item per run widens that block's keys once (not once per token) and
-// computes each token into a scratch row of its own; the rows are then added to `received` in token
+// staging slot; one OpenMP item per run widens that block's keys once (not once per token),
+// transposed so that a query's scores come 16 keys at a time in vector lanes, and computes each
+// token into a scratch row of its own; the rows are then added to `received` in token
 // order, so the result does not depend on the thread count or on how the tokens fall into runs.
 
 #include <omp.h>
@@ -40,49 +41,109 @@ struct BlockAttnArgs {
   int64_t num_threads;
 };
 
-// q . k over d (a multiple of 16) in 16 interleaved partial sums, which the compiler vectorises.
-float dot(const float* q, const float* k, int d) {
-  float part[16] = {};
-  for (int e = 0; e < d; e += 16)
-    for (int j = 0; j < 16; ++j) part[j] += q[e + j] * k[e + j];
-  float sum = 0.f;
-  for (float p : part) sum += p;
-  return sum;
+// exp(x) for x <= 0, per lane, within 2 ulp (Cephes' expf polynomial after x = n ln2 + r); x below
+// -87.3 (e**x < 2**-126, the normal range), -inf included, gives 0.
+inline adakv::v16f exp16(adakv::v16f x) {
+  using adakv::splat;
+  const adakv::v16i underflow = x < -87.3f;
+  x = underflow != 0 ? splat(-87.3f) : x;
+  const adakv::v16f round = splat(12582912.f);  // 1.5 * 2**23: adding it rounds to an integer
+  const adakv::v16f n = (x * 1.44269504088896341f + round) - round;
+  const adakv::v16f r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  adakv::v16f p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const adakv::v16i two_n = (__builtin_convertvector(n, adakv::v16i) + 127) << 23;  // n >= -126
+  const adakv::v16f e = p * reinterpret_cast<adakv::v16f>(two_n);
+  return underflow != 0 ? splat(0.f) : e;
 }
 
-// One query token: sum over heads of its within-block attention -> out[0..block_size). keys: its
-// block's keys widened, [num_kv_heads][key_rows][head_size] (key_rows > its offset); q, scores:
-// scratch of num_heads * head_size and num_heads * block_size floats.
-void token(const BlockAttnArgs& a, int64_t i, const float* keys, int key_rows, float* q, float* scores, float* out) {
+// The max and the sum of the 16 lanes, by halving.
+inline float max16(adakv::v16f v) {
+  using adakv::v16f;
+  v16f w = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = w > v ? w : v;
+  w = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  v = w > v ? w : v;
+  w = __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  v = w > v ? w : v;
+  return std::fmax(v[0], v[1]);
+}
+
+inline float sum16(adakv::v16f v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  return v[0] + v[1];
+}
+
+// A block's keys widened and transposed, for scores 16 keys at a time: [num_kv_heads][head_size]
+// [width] floats, width = the keys' count rounded up to 16, zeros past it.
+struct KeysT {
+  int width;
+  std::vector<float> data;
+  const float* at(int kvh, int e, int d) const { return data.data() + (static_cast<size_t>(kvh) * d + e) * width; }
+};
+
+// One query token: sum over heads of its within-block attention -> out[0..block_size). q: scratch of
+// head_size floats; s: scratch of width floats.
+void token(const BlockAttnArgs& a, int64_t i, const KeysT& keys, float* q, float* s, float* out) {
+  using adakv::v16f;
   const int d = static_cast<int>(a.head_size), bs = static_cast<int>(a.block_size);
   const int heads = static_cast<int>(a.num_heads), group = static_cast<int>(a.num_heads / a.num_kv_heads);
-  const int visible = static_cast<int>(a.offsets[i]) + 1;
-  for (int h = 0; h < heads; ++h)
-    adakv::widen(a.dtype, a.query, a.rows[i] * a.query_token_stride + h * a.query_head_stride, d, q + h * d);
+  const int visible = static_cast<int>(a.offsets[i]) + 1, vectors = (visible + 15) / 16;
   const float scale = static_cast<float>(a.scale);
-  for (int h = 0; h < heads; ++h) {
-    const float* k = keys + static_cast<size_t>(h / group) * key_rows * d;
-    for (int j = 0; j < visible; ++j) scores[h * visible + j] = dot(q + h * d, k + j * d, d) * scale;
-  }
+  const adakv::v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   for (int j = 0; j < bs; ++j) out[j] = 0.f;
-  for (int h = 0; h < heads; ++h) adakv::add_softmax(scores + h * visible, visible, scores + h * visible, out);
+  for (int h = 0; h < heads; ++h) {
+    adakv::widen(a.dtype, a.query, a.rows[i] * a.query_token_stride + h * a.query_head_stride, d, q);
+    v16f top = adakv::splat(-INFINITY);
+    for (int v = 0; v < vectors; ++v) {  // scores of keys 16v..16v+15: four partial sums over e
+      v16f acc[4] = {};
+      for (int e = 0; e < d; e += 4)
+        for (int u = 0; u < 4; ++u) acc[u] += q[e + u] * adakv::load16(keys.at(h / group, e + u, d) + 16 * v);
+      v16f score = ((acc[0] + acc[1]) + (acc[2] + acc[3])) * scale;
+      score = lane + 16 * v < visible ? score : adakv::splat(-INFINITY);  // keys past the token: unseen
+      adakv::store16(s + 16 * v, score);
+      top = score > top ? score : top;
+    }
+    const float m = max16(top);
+    v16f total = {};
+    for (int v = 0; v < vectors; ++v) {
+      const v16f p = exp16(adakv::load16(s + 16 * v) - m);
+      adakv::store16(s + 16 * v, p);
+      total += p;
+    }
+    const v16f sum = adakv::splat(sum16(total));
+    for (int v = 0; v < vectors; ++v) adakv::store16(s + 16 * v, adakv::load16(s + 16 * v) / sum);
+    for (int j = 0; j < visible; ++j) out[j] += s[j];
+  }
 }
 
 // Tokens [first, end), all of one staging slot: that block's keys up to the furthest offset among
-// them are widened once, then each token -> its row of `rows`.
+// them are widened (and transposed) once, then each token -> its row of `rows`.
 void run(const BlockAttnArgs& a, int64_t first, int64_t end, float* rows) {
   const int d = static_cast<int>(a.head_size), bs = static_cast<int>(a.block_size);
   const int kv_heads = static_cast<int>(a.num_kv_heads);
   int key_rows = 0;
   for (int64_t i = first; i < end; ++i) key_rows = std::max(key_rows, static_cast<int>(a.offsets[i]) + 1);
-  std::vector<float> keys(static_cast<size_t>(kv_heads) * key_rows * d);
-  const int64_t key_base = a.slots[first] * bs * kv_heads * d;
+  KeysT keys{(key_rows + 15) / 16 * 16, {}};
+  keys.data.assign(static_cast<size_t>(kv_heads) * d * keys.width, 0.f);
+  // widened row by row ([key_rows][num_kv_heads * head_size], one call), then transposed
+  std::vector<float> rows_kv(static_cast<size_t>(key_rows) * kv_heads * d);
+  adakv::widen(a.dtype, a.key, a.slots[first] * bs * kv_heads * d, key_rows * kv_heads * d, rows_kv.data());
   for (int kvh = 0; kvh < kv_heads; ++kvh)
-    for (int j = 0; j < key_rows; ++j)
-      adakv::widen(a.dtype, a.key, key_base + (static_cast<int64_t>(j) * kv_heads + kvh) * d, d,
-                   keys.data() + (static_cast<size_t>(kvh) * key_rows + j) * d);
-  std::vector<float> q(static_cast<size_t>(a.num_heads) * d), scores(static_cast<size_t>(a.num_heads) * bs);
-  for (int64_t i = first; i < end; ++i) token(a, i, keys.data(), key_rows, q.data(), scores.data(), rows + i * bs);
+    for (int e = 0; e < d; ++e) {
+      float* into = keys.data.data() + (static_cast<size_t>(kvh) * d + e) * keys.width;
+      const float* from = rows_kv.data() + static_cast<size_t>(kvh) * d + e;
+      for (int j = 0; j < key_rows; ++j) into[j] = from[static_cast<size_t>(j) * kv_heads * d];
+    }
+  std::vector<float> q(static_cast<size_t>(d)), s(static_cast<size_t>(keys.width));
+  for (int64_t i = first; i < end; ++i) token(a, i, keys, q.data(), s.data(), rows + i * bs);
 }
 
 int block_attention(const BlockAttnArgs& a) {
