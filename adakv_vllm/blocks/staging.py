@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from adakv_vllm.kernels import cpu, library
+
 # The least reserve that lets every step make progress: a few running requests and a one-block chunk.
 MIN_SLOTS = 8
 
@@ -67,6 +69,8 @@ class StagingFullError(RuntimeError):
 class WritePlan:
     valid: torch.Tensor | None  # [T] bool, the non-padding tokens; None: all of them
     rows: torch.Tensor  # [V] int64, each valid token's row in a layer's [slots * block_size] view
+    sources: torch.Tensor | None  # [V] int64, the valid tokens' indices; None: all of them
+    copy: cpu.StageRows | None  # the compiled copy of these rows, where the library builds
 
 
 class StagingArea:
@@ -87,6 +91,11 @@ class StagingArea:
         # (a slot is read only once written), so the OS commits pages as slots come into use
         self.key = torch.empty(num_layers, max_slots, block_size, num_kv_heads, head_size, dtype=dtype)
         self.value = torch.empty_like(self.key)
+        # each layer's K and V as [max_slots * block_size] token rows, the rows of a WritePlan
+        rows = (-1, num_kv_heads, head_size)
+        self._rows = [
+            (self.key[layer].view(rows), self.value[layer].view(rows)) for layer in range(num_layers)
+        ]
         self.slot_of_block = torch.full((num_blocks,), -1, dtype=torch.int64)  # [num_blocks]
         self._free = list(range(max_slots))  # a heap: the lowest free slot is used first
         self.peak = 0  # the most slots ever in use at once
@@ -141,15 +150,22 @@ class StagingArea:
         slots = slot_mapping if everything else slot_mapping[valid]
         blocks, offsets = slots // self.block_size, slots % self.block_size
         rows = self.assign(blocks) * self.block_size + offsets
-        return WritePlan(None if everything else valid, rows)
+        sources = None if everything else valid.nonzero().flatten()
+        module = library.load()
+        copy = None if module is None else cpu.StageRows(self.key, self.value, rows, sources, module)
+        return WritePlan(None if everything else valid, rows, sources, copy)
 
     def write_planned(self, layer: int, plan: WritePlan, key: torch.Tensor, value: torch.Tensor) -> None:
-        """key, value: [T, num_kv_heads, head_size], the rows of the planned slot_mapping."""
+        """key, value: [T, num_kv_heads, head_size], the rows of the planned slot_mapping. By the
+        compiled copy of kernels/cpu.py (K and V in one call) where it builds and the inputs are
+        token rows of staging's dtype, else by torch (its oracle): the same bytes."""
+        if plan.copy is not None and plan.copy(layer, key, value):
+            return
+        key_rows, value_rows = self._rows[layer]
         if plan.valid is not None:
             key, value = key[plan.valid], value[plan.valid]
-        shape = (-1, self.num_kv_heads, self.head_size)
-        self.key[layer].view(shape).index_copy_(0, plan.rows, key.to(self.dtype))
-        self.value[layer].view(shape).index_copy_(0, plan.rows, value.to(self.dtype))
+        key_rows.index_copy_(0, plan.rows, key.to(self.dtype))
+        value_rows.index_copy_(0, plan.rows, value.to(self.dtype))
 
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """slot_mapping: [T] int64 vLLM slots (-1 = padding); key, value: [T, num_kv_heads, head_size]."""

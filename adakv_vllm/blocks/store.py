@@ -63,7 +63,8 @@ class KVStore:
         self.pages: list[torch.Tensor | None] = [None] * num_layers  # each [num_blocks, page_bytes] uint8
         self._written: torch.Tensor | None = None  # [T] slots written this step
         self._features: dict[str, torch.Tensor] | None = None
-        self._plan: tuple[torch.Tensor, WritePlan] | None = None  # this step's slot_mapping and plan
+        # this step's slot_mapping (a copy), its plan and the tensor it came in
+        self._plan: tuple[torch.Tensor, WritePlan, torch.Tensor] | None = None
         self._located: tuple[torch.Tensor, block_attention.BlockQueries | None] | None = None  # the same
         # Attention token-reads (query x visible key) served from sealed pages vs in all; layer 0.
         self.sealed_reads = 0
@@ -92,16 +93,18 @@ class KVStore:
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """slot_mapping: [T] int64 (-1 = padding); key, value: [T, num_kv_heads, head_size]."""
         # Every layer of a step writes the same slots: plan (allocate, re-open) once per mapping.
+        # (the same tensor object in every layer, as vLLM passes it: no comparison needed)
         cached = self._plan
         if cached is None or not (
-            cached[0].shape == slot_mapping.shape and torch.equal(cached[0], slot_mapping)
+            cached[2] is slot_mapping
+            or cached[0].shape == slot_mapping.shape and torch.equal(cached[0], slot_mapping)
         ):
             valid = slot_mapping >= 0
             if not valid.any():
                 return
             plan = self.staging.plan(slot_mapping)
             self.sealed[slot_mapping[valid] // self.layout.block_size] = False
-            cached = self._plan = (slot_mapping.clone(), plan)
+            cached = self._plan = (slot_mapping.clone(), plan, slot_mapping)
             if self._written is None:
                 self._written = slot_mapping[valid].clone()
         self.staging.write_planned(layer, cached[1], key, value)

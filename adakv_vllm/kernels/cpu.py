@@ -6,6 +6,7 @@
                     once in the storage dtype)
   relative_errors   csrc/cpu_qerr.cpp, oracle quant.reference.relative_errors
   block_attention   csrc/cpu_block_attn.cpp, oracle kernels/block_attention.attend
+  StageRows         csrc/cpu_stage.cpp, oracle blocks/staging.StagingArea.write_planned's torch form
 
 `paged_attention(...)` computes the oracle's contract straight from the packed pages (no dequantized
 copy of the context): causal, any query_len, GQA, mixed 2/3/4/8/16-bit records, open blocks read from
@@ -518,3 +519,77 @@ def block_attention(
         torch.get_num_threads(),
     )
     module.block_attention(args)
+
+
+def rows_of(x: torch.Tensor) -> bool:
+    """Is x [T, num_kv_heads, head_size] with each token's heads one contiguous row (StageRows)?"""
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
+class StageRows:
+    """StagingArea.write_planned's torch form, compiled (its oracle; the same bytes): in every layer,
+    dst_key[layer][dst_rows[i]] = key[src_rows[i]] and the same for values (src_rows None: i), K and
+    V in one call, several threads for large steps.
+
+    Prepared once per step (a step's layers write the same rows), called once per layer, where only
+    that layer's K and V are checked: a decode step's call copies a few rows, and Python checks
+    would cost more than the copy. dst_key, dst_value: staging, [num_layers, ..., num_kv_heads,
+    head_size] contiguous, one dtype; dst_rows (distinct) and src_rows: [n] integer rows of a
+    layer's [-1, num_kv_heads, head_size] view and of the step's tokens. ValueError on arguments
+    that do not fit; the kernel checks every row's range before it writes anything."""
+
+    def __init__(self, dst_key, dst_value, dst_rows, src_rows, module: Kernel):
+        if not (dst_key.is_contiguous() and dst_value.is_contiguous() and dst_value.shape == dst_key.shape):
+            raise ValueError(
+                f"staging must be contiguous, got {list(dst_key.shape)} / {list(dst_value.shape)}"
+            )
+        if dst_key.dtype != dst_value.dtype or dst_key.dim() < 3:
+            raise ValueError(f"staging K and V need one dtype and [L, ..., H, D], got {dst_key.dtype}")
+        self.dst_key, self.dst_value, self.module = dst_key, dst_value, module
+        self.dtype, self.row = dst_key.dtype, dst_key.shape[-2:]
+        self.row_strides = (self.row[1], 1)  # a token's heads one after another
+        self.layer_bytes = dst_key[0].numel() * dst_key.element_size()
+        self.row_bytes = self.row.numel() * dst_key.element_size()
+        self.dst_rows = dst_rows.to(torch.int64).contiguous()
+        self.src_rows = None if src_rows is None else src_rows.to(torch.int64).contiguous()
+        self.n = self.dst_rows.numel()
+        if self.src_rows is not None and self.src_rows.numel() != self.n:
+            raise ValueError(f"{self.n} destination rows but {self.src_rows.numel()} source rows")
+        self.num_dst_rows = dst_key[0].numel() // self.row.numel()
+        self.threads = torch.get_num_threads()
+
+    def __call__(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """key, value: [T, num_kv_heads, head_size] of the step's tokens. Copies and returns True, or
+        returns False, writing nothing, when they are not token rows (`rows_of`) of staging's dtype
+        and row shape (the caller then takes the torch form)."""
+        if not (
+            key.dtype == self.dtype
+            and value.dtype == self.dtype
+            and key.stride()[1:] == self.row_strides == value.stride()[1:]
+            and key.shape[1:] == self.row
+            and value.shape == key.shape
+        ):
+            return False
+        if not 0 <= layer < self.dst_key.shape[0]:
+            raise ValueError(f"layer {layer} is not one of staging's {self.dst_key.shape[0]}")
+        if self.src_rows is None and self.n > key.shape[0]:
+            raise ValueError(f"{self.n} destination rows for {key.shape[0]} tokens")
+        if self.n == 0:
+            return True
+        size = key.element_size()
+        self.module.stage_rows(
+            self.dst_key.data_ptr() + layer * self.layer_bytes,
+            self.dst_value.data_ptr() + layer * self.layer_bytes,
+            self.num_dst_rows,
+            self.dst_rows.data_ptr(),
+            key.data_ptr(),
+            key.stride(0) * size,
+            value.data_ptr(),
+            value.stride(0) * size,
+            key.shape[0],
+            None if self.src_rows is None else self.src_rows.data_ptr(),
+            self.n,
+            self.row_bytes,
+            self.threads,
+        )
+        return True

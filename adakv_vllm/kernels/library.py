@@ -2,8 +2,8 @@
 
 One shared library holds every compiled CPU kernel (csrc/): the fused paged attention
 (cpu_decode.cpp), the page encoder (cpu_seal.cpp), the page decoder of the scratch path
-(cpu_unpack.cpp), the quantization-error feature (cpu_qerr.cpp) and the within-block attention
-of the `attention` policy (cpu_block_attn.cpp);
+(cpu_unpack.cpp), the quantization-error feature (cpu_qerr.cpp), the within-block attention
+of the `attention` policy (cpu_block_attn.cpp) and the staging writes (cpu_stage.cpp);
 csrc/cpu_quant.h holds the quantizer they share (rotation, codebooks, clip search), csrc/cpu_layout.h
 the page-format numbers read alike by reader and writer. Their launchers are in kernels/cpu.py.
 
@@ -60,11 +60,18 @@ from adakv_vllm.quant.reference import MAX_ROTATED_ABS
 logger = logging.getLogger("vllm.adakv.cpu")
 
 CSRC = Path(__file__).with_name("csrc")
-# One library: the fused decode attention, the store's quantization-error feature, page encoder and
-# page decoder.
+# One library: the fused decode attention, the store's quantization-error feature, page encoder,
+# page decoder, within-block attention and staging writes.
 SOURCES = tuple(
     CSRC / name
-    for name in ("cpu_decode.cpp", "cpu_qerr.cpp", "cpu_seal.cpp", "cpu_unpack.cpp", "cpu_block_attn.cpp")
+    for name in (
+        "cpu_decode.cpp",
+        "cpu_qerr.cpp",
+        "cpu_seal.cpp",
+        "cpu_unpack.cpp",
+        "cpu_block_attn.cpp",
+        "cpu_stage.cpp",
+    )
 )
 # part of the build key, not compiled alone
 HEADERS = tuple(CSRC / name for name in ("cpu_layout.h", "cpu_quant.h"))
@@ -247,6 +254,8 @@ _QUANT_ERRORS = {
     6: f"rotated values beyond +-{MAX_ROTATED_ABS:g} cannot be stored in a quantized record "
     "(fp16 scale); store them at 16 bits",
 }
+# cpu_stage.cpp's status codes (nothing is written on any of them)
+_STATUS_STAGE = {1: "inconsistent arguments", 2: "a source or destination row is out of range"}
 # cpu_unpack.cpp's status codes (nothing is written on any of them)
 _UNPACK_ERRORS = {
     1: (ValueError, "inconsistent arguments"),
@@ -257,7 +266,7 @@ _UNPACK_ERRORS = {
 
 class Kernel:
     """The loaded library: `run(args)`, `relative_errors(...)`, `seal(args)`, `unpack(args)`,
-    `block_attention(args)` and `has_avx512()`."""
+    `block_attention(args)`, `stage_rows(...)` and `has_avx512()`."""
 
     def __init__(self, path: str):
         self.path = path
@@ -272,6 +281,18 @@ class Kernel:
         self._lib.adakv_unpack.restype = ctypes.c_int
         self._lib.adakv_block_attention.argtypes = [ctypes.POINTER(BlockAttnArgs)]
         self._lib.adakv_block_attention.restype = ctypes.c_int
+        self._lib.adakv_stage_rows.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,  # destinations, rows
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+            ctypes.c_int64,  # key, value, strides
+            *(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64),
+        ]
+        self._lib.adakv_stage_rows.restype = ctypes.c_int
         mirrors = (
             ("adakv_args_size", DecodeArgs),
             ("adakv_seal_args_size", SealArgs),
@@ -311,6 +332,12 @@ class Kernel:
         status = self._lib.adakv_block_attention(ctypes.byref(args))
         if status:
             raise ValueError(f"AdaKV block attention: {_STATUS.get(status, status)}")
+
+    def stage_rows(self, *args: int) -> None:
+        """Staging writes (see cpu.stage_rows): the C entry point's arguments, in its order."""
+        status = self._lib.adakv_stage_rows(*args)
+        if status:
+            raise ValueError(f"AdaKV staging write: {_STATUS_STAGE.get(status, status)}")
 
     def has_avx512(self) -> bool:
         return bool(self._lib.adakv_has_avx512())
