@@ -14,7 +14,10 @@ import heapq
 
 import torch
 
+from adakv_vllm.kernels import cpu, library
 from adakv_vllm.quant.precision import PRECISIONS
+
+BITS = torch.tensor([p.bits for p in PRECISIONS])  # precision code -> bit-width
 
 
 def allocate(
@@ -24,9 +27,10 @@ def allocate(
     budget: int,
     floor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """weight: [T] >= 0; distortion: [T, 4] per precision code; cost: [4] bytes one token costs at
-    each precision; budget: bytes for the T tokens; floor: optional [T] bit-widths granted first (in
-    position order, as far as the budget allows) before the greedy competition.
+    """weight: [T] >= 0; distortion: [T, P] per precision code (P = len(PRECISIONS)); cost: [P]
+    bytes one token costs at each precision; budget: bytes for the T tokens; floor: optional [T]
+    bit-widths granted first (in position order, as far as the budget allows) before the greedy
+    competition.
     Returns [T] int64 bit-widths."""
     num_tokens = weight.numel()
     codes = [0] * num_tokens
@@ -64,5 +68,29 @@ def allocate(
         nxt = step(t)
         if nxt is not None:
             heapq.heappush(heap, nxt)
-    bits = torch.tensor([p.bits for p in PRECISIONS])
-    return bits[torch.tensor(codes, dtype=torch.int64)]
+    return BITS[torch.tensor(codes, dtype=torch.int64)]
+
+
+def allocate_pages(
+    weight: torch.Tensor,
+    distortion: torch.Tensor,
+    cost: torch.Tensor,
+    budget: int,
+    floor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`allocate` for n pages at once: weight [n, T], distortion [n, T, P], floor [n, T] bit-widths or
+    None -> [n, T] int64 bit-widths, page i's exactly allocate(weight[i], distortion[i], ...). By the
+    compiled planner of kernels/cpu.py where it builds (one call for all pages instead of a Python
+    heap per page: a seal list of a 4096-token prompt is 128 pages per part), else page by page."""
+    module = library.load()
+    if module is not None:
+        # a floor bit-width -> the first precision with at least those bits (past 16: no such code)
+        codes_of_floor = None if floor is None else torch.searchsorted(BITS, floor.to(torch.int64))
+        codes = cpu.plan_pages(weight, distortion, cost, budget, codes_of_floor, module)
+        if codes is not None:
+            return BITS[codes]
+    pages = [
+        allocate(weight[i], distortion[i], cost, budget, None if floor is None else floor[i])
+        for i in range(len(weight))
+    ]
+    return torch.stack(pages) if pages else torch.empty(weight.shape, dtype=torch.int64)

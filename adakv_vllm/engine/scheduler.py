@@ -191,18 +191,23 @@ class AdaKVScheduler(Scheduler):
     def _plan(self, candidates: dict[int, Candidate]) -> SealList:
         bs = self.layout.block_size
         block_ids = sorted(candidates)
+        tokens = [self.book.block_tokens(block, candidates[block]) for block in block_ids]
         bits = torch.empty(len(PARTS), len(block_ids), bs, dtype=torch.int64)  # keys, values
-        for row, block in enumerate(block_ids):
-            candidate = candidates[block]
-            tokens = self.book.block_tokens(block, candidate)
-            for i, part in enumerate(PARTS):
-                if self.targets[i] >= PRECISIONS[-1].bits:
-                    bits[i, row] = PRECISIONS[-1].bits  # every policy stores FP16 at 16 bits
-                    continue
-                weight, distortion = self.policy.scores(tokens, part)
-                floor = self.policy.floor(tokens, part)
-                bits[i, row] = planner.allocate(weight, distortion, self.token_cost, self.budgets[i], floor)
-            self.book.mark_sealed(block, candidate)
+        for i, part in enumerate(PARTS):
+            if self.targets[i] >= PRECISIONS[-1].bits:
+                bits[i] = PRECISIONS[-1].bits  # every policy stores FP16 at 16 bits
+                continue
+            scores = [self.policy.scores(block, part) for block in tokens]
+            floors = [self.policy.floor(block, part) for block in tokens]
+            floor = None
+            if any(f is not None for f in floors):
+                lowest = torch.full((bs,), PRECISIONS[0].bits)
+                floor = torch.stack([lowest if f is None else f for f in floors])
+            weight = torch.stack([w for w, _ in scores])
+            distortion = torch.stack([d for _, d in scores])
+            bits[i] = planner.allocate_pages(weight, distortion, self.token_cost, self.budgets[i], floor)
+        for block in block_ids:
+            self.book.mark_sealed(block, candidates[block])
         self._count_bits(bits, +1)
         owners = [candidates[b].request_id for b in block_ids]
         return SealList(torch.tensor(block_ids, dtype=torch.int64), bits[0], bits[1], owners)

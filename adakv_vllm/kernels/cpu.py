@@ -6,6 +6,7 @@
                     once in the storage dtype)
   relative_errors   csrc/cpu_qerr.cpp, oracle quant.reference.relative_errors
   block_attention   csrc/cpu_block_attn.cpp, oracle kernels/block_attention.attend
+  plan_pages        csrc/cpu_plan.cpp, oracle blocks/planner.allocate (page by page; the same bits)
   StageRows         csrc/cpu_stage.cpp, oracle blocks/staging.StagingArea.write_planned's torch form
 
 `paged_attention(...)` computes the oracle's contract straight from the packed pages (no dequantized
@@ -593,3 +594,40 @@ class StageRows:
             self.threads,
         )
         return True
+
+
+def plan_pages(
+    weight: torch.Tensor,
+    distortion: torch.Tensor,
+    cost: torch.Tensor,
+    budget: int,
+    floor_codes: torch.Tensor | None,
+    module: Kernel,
+) -> torch.Tensor | None:
+    """blocks/planner.allocate for n pages in one call, compiled (its oracle; the same result):
+    weight [n, T], distortion [n, T, P], cost [P] bytes per token at each precision code
+    (increasing), budget bytes per page, floor_codes [n, T] precision codes granted first (None:
+    none). -> [n, T] int64 precision codes, or None when a weight or distortion is NaN or inf (the
+    oracle then decides, in Python's order). ValueError, as allocate raises it, when a page's tokens
+    at the lowest precision exceed the budget."""
+    if weight.dim() != 2 or distortion.shape[:2] != weight.shape or distortion.dim() != 3:
+        raise ValueError(
+            f"weight [n, T] and distortion [n, T, P], got {list(weight.shape)} / {list(distortion.shape)}"
+        )
+    n, num_tokens = weight.shape
+    if cost.shape != (distortion.shape[2],):
+        raise ValueError(f"cost must be [{distortion.shape[2]}], got {list(cost.shape)}")
+    if floor_codes is not None and floor_codes.shape != weight.shape:
+        raise ValueError(f"floor_codes must be {list(weight.shape)}, got {list(floor_codes.shape)}")
+    codes = torch.empty(n, num_tokens, dtype=torch.int64)
+    if n == 0:
+        return codes
+    w = weight.to(torch.float64).contiguous()  # fp32 -> fp64 exactly, as the oracle's tolist()
+    d = distortion.to(torch.float64).contiguous()
+    c = cost.to(torch.int64).contiguous()
+    f = None if floor_codes is None else floor_codes.to(torch.int64).contiguous()
+    planned = module.plan_pages(
+        w.data_ptr(), d.data_ptr(), c.data_ptr(), c.numel(), int(budget),
+        None if f is None else f.data_ptr(), n, num_tokens, codes.data_ptr(),
+    )  # fmt: skip
+    return codes if planned else None

@@ -3,7 +3,8 @@
 One shared library holds every compiled CPU kernel (csrc/): the fused paged attention
 (cpu_decode.cpp), the page encoder (cpu_seal.cpp), the page decoder of the scratch path
 (cpu_unpack.cpp), the quantization-error feature (cpu_qerr.cpp), the within-block attention
-of the `attention` policy (cpu_block_attn.cpp) and the staging writes (cpu_stage.cpp);
+of the `attention` policy (cpu_block_attn.cpp), the staging writes (cpu_stage.cpp) and the seal
+planner (cpu_plan.cpp);
 csrc/cpu_quant.h holds the quantizer they share (rotation, codebooks, clip search), csrc/cpu_layout.h
 the page-format numbers read alike by reader and writer. Their launchers are in kernels/cpu.py.
 
@@ -61,7 +62,7 @@ logger = logging.getLogger("vllm.adakv.cpu")
 
 CSRC = Path(__file__).with_name("csrc")
 # One library: the fused decode attention, the store's quantization-error feature, page encoder,
-# page decoder, within-block attention and staging writes.
+# page decoder, within-block attention, staging writes and seal planner.
 SOURCES = tuple(
     CSRC / name
     for name in (
@@ -71,6 +72,7 @@ SOURCES = tuple(
         "cpu_unpack.cpp",
         "cpu_block_attn.cpp",
         "cpu_stage.cpp",
+        "cpu_plan.cpp",
     )
 )
 # part of the build key, not compiled alone
@@ -256,6 +258,8 @@ _QUANT_ERRORS = {
 }
 # cpu_stage.cpp's status codes (nothing is written on any of them)
 _STATUS_STAGE = {1: "inconsistent arguments", 2: "a source or destination row is out of range"}
+# cpu_plan.cpp's status codes (3, a value that is not finite, is answered by the oracle)
+_STATUS_PLAN = {1: "inconsistent arguments", 2: "a page's tokens at the lowest precision exceed the budget"}
 # cpu_unpack.cpp's status codes (nothing is written on any of them)
 _UNPACK_ERRORS = {
     1: (ValueError, "inconsistent arguments"),
@@ -266,7 +270,7 @@ _UNPACK_ERRORS = {
 
 class Kernel:
     """The loaded library: `run(args)`, `relative_errors(...)`, `seal(args)`, `unpack(args)`,
-    `block_attention(args)`, `stage_rows(...)` and `has_avx512()`."""
+    `block_attention(args)`, `stage_rows(...)`, `plan_pages(...)` and `has_avx512()`."""
 
     def __init__(self, path: str):
         self.path = path
@@ -293,6 +297,11 @@ class Kernel:
             *(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64),
         ]
         self._lib.adakv_stage_rows.restype = ctypes.c_int
+        self._lib.adakv_plan_pages.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # weight, distortion, cost
+            ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ]  # fmt: skip
+        self._lib.adakv_plan_pages.restype = ctypes.c_int
         mirrors = (
             ("adakv_args_size", DecodeArgs),
             ("adakv_seal_args_size", SealArgs),
@@ -338,6 +347,17 @@ class Kernel:
         status = self._lib.adakv_stage_rows(*args)
         if status:
             raise ValueError(f"AdaKV staging write: {_STATUS_STAGE.get(status, status)}")
+
+    def plan_pages(self, *args: int) -> bool:
+        """The seal planner (see cpu.plan_pages): the C entry point's arguments, in its order.
+        False when a weight or distortion is not finite (nothing planned); ValueError as
+        planner.allocate raises it."""
+        status = self._lib.adakv_plan_pages(*args)
+        if status == 3:
+            return False
+        if status:
+            raise ValueError(_STATUS_PLAN.get(status, f"AdaKV planner: status {status}"))
+        return True
 
     def has_avx512(self) -> bool:
         return bool(self._lib.adakv_has_avx512())
