@@ -85,14 +85,15 @@ def pieces(stats: pstats.Stats) -> dict[str, float]:
     return out
 
 
-# label -> (module, class, method) wrapped by --timers; a call nested in one of its own label (a
-# subclass's method calling its parent's) is counted once, in the outermost
+# label -> (module, class or None for a module-level function, name) wrapped by --timers; a call
+# nested in one of its own label (a subclass's method calling its parent's) is counted once
 TIMED = {
     "sealing pages": ("adakv_vllm.blocks.store", "KVStore", "seal"),
     "staging writes": ("adakv_vllm.blocks.store", "KVStore", "write"),
     "attention policy's measurement": ("adakv_vllm.blocks.store", "KVStore", "observe_attention"),
     "quantization-error feature": ("adakv_vllm.blocks.store", "KVStore", "step_features"),
     "AdaKV schedule()": ("adakv_vllm.engine.scheduler", "AdaKVScheduler", "schedule"),
+    "  of which seal planning": ("adakv_vllm.engine.scheduler", "AdaKVScheduler", "_plan"),
     "AdaKV update_from_output()": ("adakv_vllm.engine.scheduler", "AdaKVScheduler", "update_from_output"),
     "stock schedule()": ("vllm.v1.core.sched.scheduler", "Scheduler", "schedule"),
     "stock update_from_output()": ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"),
@@ -102,6 +103,7 @@ TIMED = {
         "do_kv_cache_update",
     ),
     "attention (AdaKV's forward)": ("adakv_vllm.attention.backend", "AdaKVAttentionImpl", "forward"),
+    "  of which prefill scratch copy": ("adakv_vllm.attention.backend", None, "gather_scratch"),
     "attention (stock's forward)": (
         "vllm.v1.attention.backends.cpu_attn",
         "CPUAttentionBackendImpl",
@@ -123,8 +125,10 @@ class Timers:
         import importlib
 
         for label, (module, cls, name) in TIMED.items():
-            owner = getattr(importlib.import_module(module), cls)
-            setattr(owner, name, self._timed(label, owner.__dict__[name]))
+            owner = importlib.import_module(module)
+            if cls is not None:
+                owner = getattr(owner, cls)
+            setattr(owner, name, self._timed(label, vars(owner)[name]))
 
     def _timed(self, label: str, method):
         @functools.wraps(method)
