@@ -280,7 +280,9 @@ def count_reads(store, md: CPUAttentionMetadata) -> None:
 def gather_scratch(store, layer: int, md: CPUAttentionMetadata, isa: str):
     """-> scratch [U, num_kv_heads, block_size, 2*head_size] in stock CPU_ATTN's cache format and
     the block table remapped into it. The scratch is written with vLLM's own cache-write op, since
-    the byte order inside a block depends on the kernel ISA (e.g. AMX packs keys)."""
+    the byte order inside a block depends on the kernel ISA (e.g. AMX packs keys): sealed pages
+    decoded first, open blocks straight from staging's rows (the op skips rows mapped to -1), so a
+    fresh prompt's blocks are copied once, not three times."""
     bs = store.layout.block_size
     num_reqs = md.seq_lens.numel()
     blocks_per_req = (md.seq_lens.to(torch.int64) + bs - 1) // bs  # [num_reqs]
@@ -288,18 +290,25 @@ def gather_scratch(store, layer: int, md: CPUAttentionMetadata, isa: str):
     table = md.block_table[:num_reqs, :width].to(torch.int64)
     needed = torch.arange(width)[None, :] < blocks_per_req[:, None]  # [num_reqs, width]
     block_ids, inverse = torch.unique(table[needed], return_inverse=True)
-    key, value = store.gather(layer, block_ids)  # [U, bs, H, D]
-    u, _, h, d = key.shape
-    scratch = torch.empty(u, h, 2 * bs, d, dtype=key.dtype)
+    u, h, d = block_ids.numel(), store.layout.num_kv_heads, store.layout.record.head_size
+    scratch = torch.empty(u, h, 2 * bs, d, dtype=store.dtype)
     key_cache, value_cache = scratch.chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(
-        key.reshape(u * bs, h, d),
-        value.reshape(u * bs, h, d),
-        key_cache,
-        value_cache,
-        torch.arange(u * bs, dtype=torch.int64),
-        isa,
-    )
+    offsets = torch.arange(bs)
+    sealed = store.sealed[block_ids]
+    rows = sealed.nonzero().squeeze(1)  # [s] scratch blocks that sealed pages fill
+    if rows.numel():
+        key, value = (x.flatten(0, 1) for x in store.gather(layer, block_ids[rows]))  # [s * bs, H, D]
+        to = (rows[:, None] * bs + offsets).flatten()
+        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, to, isa)
+    if rows.numel() < u:
+        open_ = (~sealed).nonzero().squeeze(1)  # scratch blocks that staged blocks fill
+        staging = store.staging
+        slots = staging.slot_of_block[block_ids[open_]]
+        assert (slots >= 0).all(), "reading a block that has no staging slot"
+        key_rows, value_rows = staging.rows(layer)
+        to = torch.full((key_rows.shape[0],), -1, dtype=torch.int64)  # staging row -> scratch row
+        to.view(-1, bs)[slots] = open_[:, None] * bs + offsets
+        ops.cpu_attn_reshape_and_cache(key_rows, value_rows, key_cache, value_cache, to, isa)
     remapped = torch.zeros_like(md.block_table)
     remapped[:num_reqs, :width][needed] = inverse.to(remapped.dtype)
     return scratch.view(u, h, bs, 2 * d), remapped

@@ -161,7 +161,7 @@ class StagingArea:
         token rows of staging's dtype, else by torch (its oracle): the same bytes."""
         if plan.copy is not None and plan.copy(layer, key, value):
             return
-        key_rows, value_rows = self._rows[layer]
+        key_rows, value_rows = self.rows(layer)
         if plan.valid is not None:
             key, value = key[plan.valid], value[plan.valid]
         key_rows.index_copy_(0, plan.rows, key.to(self.dtype))
@@ -170,6 +170,11 @@ class StagingArea:
     def write(self, layer: int, slot_mapping: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """slot_mapping: [T] int64 vLLM slots (-1 = padding); key, value: [T, num_kv_heads, head_size]."""
         self.write_planned(layer, self.plan(slot_mapping), key, value)
+
+    def rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> key, value of one layer as [max_slots * block_size, num_kv_heads, head_size] token rows
+        (views): slot s's position j is row s * block_size + j."""
+        return self._rows[layer]
 
     def read(self, layer: int, block_ids: torch.Tensor):
         """-> key, value [n, block_size, num_kv_heads, head_size] of blocks that all have slots."""

@@ -97,7 +97,7 @@ class KVStore:
         cached = self._plan
         if cached is None or not (
             cached[2] is slot_mapping
-            or cached[0].shape == slot_mapping.shape and torch.equal(cached[0], slot_mapping)
+            or (cached[0].shape == slot_mapping.shape and torch.equal(cached[0], slot_mapping))
         ):
             valid = slot_mapping >= 0
             if not valid.any():

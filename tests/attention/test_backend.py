@@ -11,11 +11,12 @@ import types
 
 import pytest
 import torch
+from vllm import _custom_ops as ops
 from vllm.config import set_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata, _get_attn_isa
 
 from adakv_vllm.attention import runtime
-from adakv_vllm.attention.backend import AdaKVAttentionImpl, scheduler_metadata
+from adakv_vllm.attention.backend import AdaKVAttentionImpl, gather_scratch, scheduler_metadata
 from adakv_vllm.blocks.spec import page_layout
 from adakv_vllm.blocks.store import KVStore
 from adakv_vllm.config import AdaKVConfig
@@ -181,3 +182,23 @@ def test_pure_decode_step_measures_in_the_kernel_what_the_store_measures(impl, s
     finally:
         store.track_attention = False
         staging.received.zero_(), staging.seen.zero_()
+
+
+def test_scratch_holds_the_gathered_blocks_in_stock_format(step):
+    """gather_scratch writes sealed pages (decoded) and staged blocks (straight from staging's rows)
+    into stock's cache format: the same bytes as writing every block's gathered K/V in one call."""
+    store, _query, metadata = step
+    md, _rows = metadata(list(range(len(MIXED))))
+    scratch, remapped = gather_scratch(store, LAYER, md, ISA)
+    u = scratch.shape[0]
+    blocks = torch.zeros(u, dtype=torch.int64)  # scratch block -> the vLLM block it holds
+    blocks[remapped.flatten().long()] = md.block_table.flatten().long()
+    needed = [md.block_table[i, : -(-s // BLOCK_SIZE)] for i, (s, _) in enumerate(MIXED)]
+    assert torch.equal(blocks, torch.cat(needed).long().unique())  # every block the step reads, once
+    assert store.sealed[blocks].any() and not store.sealed[blocks].all()  # both kinds
+    key, value = store.gather(LAYER, blocks)
+    expected = torch.empty_like(scratch).view(u, NUM_KV_HEADS, 2 * BLOCK_SIZE, HEAD_SIZE)
+    key_cache, value_cache = expected.chunk(2, dim=2)
+    to = torch.arange(u * BLOCK_SIZE)
+    ops.cpu_attn_reshape_and_cache(key.flatten(0, 1), value.flatten(0, 1), key_cache, value_cache, to, ISA)
+    assert torch.equal(scratch.view(expected.shape), expected)
