@@ -109,3 +109,20 @@ def test_bad_arguments_raise_and_write_nothing(module):
         cpu.block_attention(
             query, key, where.rows, where.staged, where.offset, 0.2, received.double(), module
         )
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 4), (12, 3), (10, 2)])  # GQA groups 1, 2, 4, 5
+def test_every_group_size_matches_attend(module, heads, kv_heads):
+    """The kernel scores the query heads of one KV head together for groups of up to 4, head by
+    head beyond: each gives the oracle's attention."""
+    gen = torch.Generator().manual_seed(heads)
+    num_blocks = 3
+    key = torch.randn(num_blocks, BS, kv_heads, D, generator=gen).bfloat16()
+    slot_of_block = torch.tensor([2, 0, 1])
+    mapping = torch.cat([torch.arange(BS), BS + torch.arange(5), 2 * BS + torch.arange(BS // 2, BS)])
+    query = torch.randn(mapping.numel(), heads, D, generator=gen).bfloat16()
+    where = ba.locate(slot_of_block, mapping, BS, heads)
+    expected = torch.zeros(num_blocks, BS).index_add_(0, where.unique, ba.attend(query, key, where, 0.2))
+    got = torch.zeros(num_blocks, BS)
+    cpu.block_attention(query, key, where.rows, where.staged, where.offset, 0.2, got, module)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -6,8 +6,9 @@
 // order and exp by a polynomial within 2 ulp, so the results differ by rounding only).
 // Work: a prefill chunk lists a block's tokens one after another, so the tokens come in runs of one
 // staging slot; one OpenMP item per run widens that block's keys once (not once per token),
-// transposed so that a query's scores come 16 keys at a time in vector lanes, and computes each
-// token into a scratch row of its own; the rows are then added to `received` in token
+// transposed so that a query's scores come 16 keys at a time in vector lanes (the query heads of
+// one KV head scored together, sharing each key vector loaded), and computes each token into a
+// scratch row of its own; the rows are then added to `received` in token
 // order, so the result does not depend on the thread count or on how the tokens fall into runs.
 
 #include <omp.h>
@@ -89,38 +90,70 @@ struct KeysT {
   const float* at(int kvh, int e, int d) const { return data.data() + (static_cast<size_t>(kvh) * d + e) * width; }
 };
 
-// One query token: sum over heads of its within-block attention -> out[0..block_size). q: scratch of
-// head_size floats; s: scratch of width floats.
-void token(const BlockAttnArgs& a, int64_t i, const KeysT& keys, float* q, float* s, float* out) {
+// Scores of kGroup query heads (q: kGroup rows of head_size floats) against one KV head's keys
+// (kt: [head_size][width], transposed), 16 keys per vector, keys at or past `visible` masked to
+// -inf: s[h * width + j]. The heads share every key vector loaded.
+template <int kGroup>
+void group_scores(const float* q, const float* kt, int d, int width, int visible, float scale, float* s) {
   using adakv::v16f;
-  const int d = static_cast<int>(a.head_size), bs = static_cast<int>(a.block_size);
-  const int heads = static_cast<int>(a.num_heads), group = static_cast<int>(a.num_heads / a.num_kv_heads);
-  const int visible = static_cast<int>(a.offsets[i]) + 1, vectors = (visible + 15) / 16;
-  const float scale = static_cast<float>(a.scale);
   const adakv::v16i lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  for (int v = 0; v < (visible + 15) / 16; ++v) {
+    v16f acc[kGroup][2] = {};  // two partial sums over e per head
+    for (int e = 0; e < d; e += 2)
+      for (int u = 0; u < 2; ++u) {
+        const v16f k = adakv::load16(kt + static_cast<size_t>(e + u) * width + 16 * v);
+        for (int h = 0; h < kGroup; ++h) acc[h][u] += q[h * d + e + u] * k;
+      }
+    for (int h = 0; h < kGroup; ++h) {
+      const v16f score = (acc[h][0] + acc[h][1]) * scale;
+      adakv::store16(s + h * width + 16 * v, lane + 16 * v < visible ? score : adakv::splat(-INFINITY));
+    }
+  }
+}
+
+// out[j] += softmax(s[0..visible))[j]; s (width floats, -inf past visible) is overwritten.
+void add_softmax16(float* s, int visible, float* out) {
+  using adakv::v16f;
+  const int vectors = (visible + 15) / 16;
+  v16f top = adakv::splat(-INFINITY);
+  for (int v = 0; v < vectors; ++v) {
+    const v16f x = adakv::load16(s + 16 * v);
+    top = x > top ? x : top;
+  }
+  const float m = max16(top);
+  v16f total = {};
+  for (int v = 0; v < vectors; ++v) {
+    const v16f p = exp16(adakv::load16(s + 16 * v) - m);
+    adakv::store16(s + 16 * v, p);
+    total += p;
+  }
+  const v16f sum = adakv::splat(sum16(total));
+  for (int v = 0; v < vectors; ++v) adakv::store16(s + 16 * v, adakv::load16(s + 16 * v) / sum);
+  for (int j = 0; j < visible; ++j) out[j] += s[j];
+}
+
+// One query token: sum over heads of its within-block attention -> out[0..block_size). q: scratch of
+// group * head_size floats; s: scratch of group * width floats.
+void token(const BlockAttnArgs& a, int64_t i, const KeysT& keys, float* q, float* s, float* out) {
+  const int d = static_cast<int>(a.head_size), bs = static_cast<int>(a.block_size), w = keys.width;
+  const int kv_heads = static_cast<int>(a.num_kv_heads), group = static_cast<int>(a.num_heads / a.num_kv_heads);
+  const int visible = static_cast<int>(a.offsets[i]) + 1;
+  const float scale = static_cast<float>(a.scale);
   for (int j = 0; j < bs; ++j) out[j] = 0.f;
-  for (int h = 0; h < heads; ++h) {
-    adakv::widen(a.dtype, a.query, a.rows[i] * a.query_token_stride + h * a.query_head_stride, d, q);
-    v16f top = adakv::splat(-INFINITY);
-    for (int v = 0; v < vectors; ++v) {  // scores of keys 16v..16v+15: four partial sums over e
-      v16f acc[4] = {};
-      for (int e = 0; e < d; e += 4)
-        for (int u = 0; u < 4; ++u) acc[u] += q[e + u] * adakv::load16(keys.at(h / group, e + u, d) + 16 * v);
-      v16f score = ((acc[0] + acc[1]) + (acc[2] + acc[3])) * scale;
-      score = lane + 16 * v < visible ? score : adakv::splat(-INFINITY);  // keys past the token: unseen
-      adakv::store16(s + 16 * v, score);
-      top = score > top ? score : top;
+  for (int g = 0; g < kv_heads; ++g) {
+    for (int h = 0; h < group; ++h)
+      adakv::widen(a.dtype, a.query, a.rows[i] * a.query_token_stride + (g * group + h) * a.query_head_stride, d,
+                   q + h * d);
+    const float* kt = keys.at(g, 0, d);
+    switch (group) {  // the usual GQA groups share key loads; others go head by head
+      case 1: group_scores<1>(q, kt, d, w, visible, scale, s); break;
+      case 2: group_scores<2>(q, kt, d, w, visible, scale, s); break;
+      case 3: group_scores<3>(q, kt, d, w, visible, scale, s); break;
+      case 4: group_scores<4>(q, kt, d, w, visible, scale, s); break;
+      default:
+        for (int h = 0; h < group; ++h) group_scores<1>(q + h * d, kt, d, w, visible, scale, s + h * w);
     }
-    const float m = max16(top);
-    v16f total = {};
-    for (int v = 0; v < vectors; ++v) {
-      const v16f p = exp16(adakv::load16(s + 16 * v) - m);
-      adakv::store16(s + 16 * v, p);
-      total += p;
-    }
-    const v16f sum = adakv::splat(sum16(total));
-    for (int v = 0; v < vectors; ++v) adakv::store16(s + 16 * v, adakv::load16(s + 16 * v) / sum);
-    for (int j = 0; j < visible; ++j) out[j] += s[j];
+    for (int h = 0; h < group; ++h) add_softmax16(s + h * w, visible, out);
   }
 }
 
@@ -142,7 +175,8 @@ void run(const BlockAttnArgs& a, int64_t first, int64_t end, float* rows) {
       const float* from = rows_kv.data() + static_cast<size_t>(kvh) * d + e;
       for (int j = 0; j < key_rows; ++j) into[j] = from[static_cast<size_t>(j) * kv_heads * d];
     }
-  std::vector<float> q(static_cast<size_t>(d)), s(static_cast<size_t>(keys.width));
+  const size_t group = static_cast<size_t>(a.num_heads / a.num_kv_heads);
+  std::vector<float> q(group * d), s(group * keys.width);
   for (int64_t i = first; i < end; ++i) token(a, i, keys, q.data(), s.data(), rows + i * bs);
 }
 
