@@ -569,6 +569,7 @@ class StageRows:
             and key.stride()[1:] == self.row_strides == value.stride()[1:]
             and key.shape[1:] == self.row
             and value.shape == key.shape
+            and min(key.stride(0), value.stride(0)) >= self.row.numel()  # rows apart, not overlapping
         ):
             return False
         if not 0 <= layer < self.dst_key.shape[0]:

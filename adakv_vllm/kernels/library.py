@@ -286,16 +286,10 @@ class Kernel:
         self._lib.adakv_block_attention.argtypes = [ctypes.POINTER(BlockAttnArgs)]
         self._lib.adakv_block_attention.restype = ctypes.c_int
         self._lib.adakv_stage_rows.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_void_p,  # destinations, rows
-            ctypes.c_void_p,
-            ctypes.c_int64,
-            ctypes.c_void_p,
-            ctypes.c_int64,  # key, value, strides
-            *(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64),
-        ]
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,  # destinations, their rows
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,  # key, value, their strides
+            ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # sources, n
+        ]  # fmt: skip
         self._lib.adakv_stage_rows.restype = ctypes.c_int
         self._lib.adakv_plan_pages.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # weight, distortion, cost
@@ -343,7 +337,7 @@ class Kernel:
             raise ValueError(f"AdaKV block attention: {_STATUS.get(status, status)}")
 
     def stage_rows(self, *args: int) -> None:
-        """Staging writes (see cpu.stage_rows): the C entry point's arguments, in its order."""
+        """Staging writes (see cpu.StageRows): the C entry point's arguments, in its order."""
         status = self._lib.adakv_stage_rows(*args)
         if status:
             raise ValueError(f"AdaKV staging write: {_STATUS_STAGE.get(status, status)}")
