@@ -201,4 +201,5 @@ def test_scratch_holds_the_gathered_blocks_in_stock_format(step):
     key_cache, value_cache = expected.chunk(2, dim=2)
     to = torch.arange(u * BLOCK_SIZE)
     ops.cpu_attn_reshape_and_cache(key.flatten(0, 1), value.flatten(0, 1), key_cache, value_cache, to, ISA)
-    assert torch.equal(scratch.view(expected.shape), expected)
+    # bitwise: positions past a sequence's end hold whatever staging held (uninitialised, maybe NaN)
+    assert torch.equal(scratch.view(expected.shape).view(torch.int16), expected.view(torch.int16))
