@@ -63,25 +63,6 @@ inline adakv::v16f exp16(adakv::v16f x) {
   return underflow != 0 ? splat(0.f) : e;
 }
 
-// The max and the sum of the 16 lanes, by halving.
-inline float max16(adakv::v16f v) {
-  using adakv::v16f;
-  v16f w = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v = w > v ? w : v;
-  w = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
-  v = w > v ? w : v;
-  w = __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
-  v = w > v ? w : v;
-  return std::fmax(v[0], v[1]);
-}
-
-inline float sum16(adakv::v16f v) {
-  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
-  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
-  return v[0] + v[1];
-}
-
 // A block's keys widened and transposed, for scores 16 keys at a time: [num_kv_heads][head_size]
 // [width] floats, width = the keys' count rounded up to 16, zeros past it.
 struct KeysT {
@@ -120,14 +101,14 @@ void add_softmax16(float* s, int visible, float* out) {
     const v16f x = adakv::load16(s + 16 * v);
     top = x > top ? x : top;
   }
-  const float m = max16(top);
+  const float m = adakv::max16(top);
   v16f total = {};
   for (int v = 0; v < vectors; ++v) {
     const v16f p = exp16(adakv::load16(s + 16 * v) - m);
     adakv::store16(s + 16 * v, p);
     total += p;
   }
-  const v16f sum = adakv::splat(sum16(total));
+  const v16f sum = adakv::splat(adakv::sum16(total));
   for (int v = 0; v < vectors; ++v) adakv::store16(s + 16 * v, adakv::load16(s + 16 * v) / sum);
   for (int j = 0; j < visible; ++j) out[j] += s[j];
 }

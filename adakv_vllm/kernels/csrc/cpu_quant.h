@@ -78,6 +78,24 @@ inline v16f splat(float x) { return v16f{x, x, x, x, x, x, x, x, x, x, x, x, x, 
 inline v8d splat(double x) { return v8d{x, x, x, x, x, x, x, x}; }
 inline v16f abs16(v16f x) { return reinterpret_cast<v16f>(reinterpret_cast<v16i>(x) & 0x7FFFFFFF); }
 
+// The sum and the max of the 16 lanes, by halving (lanes j and j + 8, then j and j + 4, ...).
+inline float sum16(v16f v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  return v[0] + v[1];
+}
+
+inline float max16(v16f v) {
+  v16f w = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = w > v ? w : v;
+  w = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  v = w > v ? w : v;
+  w = __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  v = w > v ? w : v;
+  return std::fmax(v[0], v[1]);
+}
+
 // ---- rotation ---------------------------------------------------------------------------------
 
 // One butterfly stage of span H < 16 inside a vector: lane i (bit H clear) -> v[i] + v[i + H], lane
@@ -287,10 +305,7 @@ inline void approximate_errors(const float* y, int n, const Candidates& c, const
       const v16f e = yv - __builtin_shuffle(levels, search.count<kLevels>(q)) * s;
       acc = fma16(e, e, acc);
     }
-    acc += __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    acc += __builtin_shufflevector(acc, acc, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
-    acc += __builtin_shufflevector(acc, acc, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
-    err[f] = acc[0] + acc[1];
+    err[f] = sum16(acc);
   }
 }
 
