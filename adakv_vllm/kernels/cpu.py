@@ -548,7 +548,6 @@ class StageRows:
             raise ValueError(f"staging K and V need one dtype and [L, ..., H, D], got {dst_key.dtype}")
         self.dst_key, self.dst_value, self.module = dst_key, dst_value, module
         self.dtype, self.row = dst_key.dtype, dst_key.shape[-2:]
-        self.row_strides = (self.row[1], 1)  # a token's heads one after another
         self.layer_bytes = dst_key[0].numel() * dst_key.element_size()
         self.row_bytes = self.row.numel() * dst_key.element_size()
         self.dst_rows = dst_rows.to(torch.int64).contiguous()
@@ -566,7 +565,8 @@ class StageRows:
         if not (
             key.dtype == self.dtype
             and value.dtype == self.dtype
-            and key.stride()[1:] == self.row_strides == value.stride()[1:]
+            and rows_of(key)
+            and rows_of(value)
             and key.shape[1:] == self.row
             and value.shape == key.shape
             and min(key.stride(0), value.stride(0)) >= self.row.numel()  # rows apart, not overlapping
