@@ -102,6 +102,9 @@ def codebooks() -> Codebooks:
             raise AssertionError(
                 f"the {p.bits}-bit codebook is searched over clip factors but has > 16 levels"
             )
+        # the search's fp32 pass codes |y| in the positive half (cpu_quant.h: symmetric_search_ok)
+        if factors.numel() > 1 and not torch.equal(lv, -lv.flip(0)):
+            raise AssertionError(f"the {p.bits}-bit codebook is searched over clip factors but not symmetric")
         # and the decode kernel reads a larger codebook as the exact grid base + code * step
         grid = lv[0].double() + torch.arange(lv.numel()).double() * (lv[1] - lv[0]).double()
         if lv.numel() > LANE_LEVELS and not torch.equal(grid, lv.double()):

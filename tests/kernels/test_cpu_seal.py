@@ -143,6 +143,29 @@ def test_pages_equal_the_codec(module, case, dtype):
     assert torch.equal(kb1, kb) and torch.equal(vb1, vb)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("data", ["gaussian", "heavy_tailed", "coarse_grid"])
+def test_clip_search_picks_the_codecs_scale_over_many_records(module, bits, data):
+    """The clip search's fp32 pass (codes of |y| in the codebook's positive half, y times 1 / s)
+    decides as the codec's fp64 errors do, over 8192 groups per case: Gaussian; heavy-tailed (one
+    large element per group: the clipping candidates differ most); on a coarse grid (few distinct
+    values, so candidates' errors tie exactly or nearly and the exact pass decides)."""
+    case = Case(
+        "many", block_size=32, num_kv_heads=2, head_size=64, group_size=32, target=bits, bits=str(bits)
+    )
+    layout = _layout(case)
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(2, 32, 32, 2, 64, generator=gen)
+    if data == "heavy_tailed":
+        x = x**3
+    elif data == "coarse_grid":
+        x = torch.round(x * 2) / 2
+    key, value = x.bfloat16()
+    kb = torch.full((32, 32), bits)
+    expected = PageCodec(layout, torch.bfloat16).encode(key, value, kb, kb)
+    assert torch.equal(cpu.encode_pages(key, value, kb, kb, layout, torch.bfloat16, module), expected)
+
+
 @pytest.mark.parametrize("head_size", [32, 48, 64, 80, 128, 256])
 def test_threshold_ties_are_real_and_coded_as_the_codec(module, head_size):
     """The ties _adversarial relies on: exact in fp16, rotated exactly onto the 8-bit thresholds."""
@@ -285,6 +308,35 @@ def test_bad_arguments_raise(module):
         cpu.encode_pages(kv, kv, bits, bits, layout, torch.bfloat16, module, out=out, block_ids=bits[:, 0])
     with pytest.raises(ValueError, match="clamp must be exactly representable"):
         cpu.encode_pages(kv, kv, bits, bits, layout, torch.bfloat16, module, clamp=1000.5)
+
+
+def _asymmetric(book) -> None:
+    book.levels[15] *= 1.5
+
+
+def _levels_too_close(book) -> None:
+    """Levels 8 and 9 (and their mirrors) 0.001 apart: the threshold between them is ~130 gaps from 0."""
+    book.levels[9] = book.levels[8] + 0.001
+    book.levels[6] = -book.levels[9]
+    book.thresholds[8] = (book.levels[8] + book.levels[9]) / 2
+    book.thresholds[6] = -book.thresholds[8]
+
+
+@pytest.mark.parametrize("edit", [_asymmetric, _levels_too_close], ids=lambda f: f.__name__.strip("_"))
+def test_codebooks_the_clip_search_cannot_read_are_refused(module, monkeypatch, edit):
+    """The clip search's fp32 pass assumes a symmetric codebook whose positive thresholds sit within
+    16 level gaps of zero (cpu_quant.h: symmetric_search_ok): another 4-bit table is refused before
+    anything is written, not searched wrongly."""
+    layout = _layout(Case("codebook", target=4, bits="4"))
+    kv = torch.randn(1, 32, 3, 64).bfloat16()
+    bits = torch.full((1, 32), 4)
+    books = cpu.Codebooks.from_buffer_copy(cpu.codebooks())
+    edit(books.code[2])  # precision code 2: 4 bits
+    monkeypatch.setattr(cpu, "codebooks", lambda: books)
+    out = torch.full((1, layout.page_bytes), 7, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="inconsistent arguments"):
+        cpu.encode_pages(kv, kv, bits, bits, layout, torch.bfloat16, module, out=out, block_ids=bits[:, 0])
+    assert (out == 7).all()
 
 
 def test_threads_do_not_change_the_bytes(module):

@@ -16,7 +16,9 @@
 //     FMA-corrected product with 1 / s -- the correctly rounded quotient, checked where it could
 //     underflow (quotient());
 //   * the clip search (search_clip_factors): every candidate's error in fp32 first, one lane per
-//     element; when the best is ahead of the rest by more than that sum's error bound, it is the
+//     element, from the codes of |y| in the codebook's positive half found with y * (1 / s) (a
+//     symmetric codebook: the same squared errors, but for rounding where y / s sits on a
+//     threshold); when the best is ahead of the rest by more than that sum's error bound, it is the
 //     oracle's winner. Near-ties (rare) are decided by the oracle's own arithmetic: fp64, element
 //     order, one lane per clip factor, each lane its own sequential sum (exact_errors).
 // Every other fp32 step is one IEEE-rounded operation as in torch: the library builds with
@@ -55,11 +57,30 @@ struct Codebooks {
   Codebook code[kQuantizedCodes];  // by precision code
 };
 
+// What the clip search's fp32 pass (approximate_errors) assumes of a codebook: symmetric (level j ==
+// -level[n-1-j], threshold j == -threshold[n-2-j]), 0 its middle threshold, and every positive
+// threshold t normal and within 16 level gaps g of zero (t <= 16 g: then reading y / s a few ulps
+// off moves a squared error by at most 2**-15 of itself; quant/levels.py's tables: t <= 4.1 g).
+inline bool symmetric_search_ok(const Codebook& cb) {
+  const int n = static_cast<int>(cb.num_levels), half = n / 2;
+  if (n < 2 || n % 2 || cb.thresholds[half - 1] != 0.f) return false;
+  for (int j = 0; j < n; ++j) {
+    if (!(cb.levels[j] == -cb.levels[n - 1 - j]) || (j > 0 && !(cb.levels[j - 1] < cb.levels[j]))) return false;
+    if (j < n - 1 && !(cb.thresholds[j] == -cb.thresholds[n - 2 - j])) return false;
+  }
+  for (int j = half; j < n - 1; ++j) {
+    const float t = cb.thresholds[j], gap = cb.levels[j + 1] - cb.levels[j];
+    if (!(t >= 0x1p-64f && t <= 16.f * gap)) return false;
+  }
+  return true;
+}
+
 // What this file assumes of the tables (cpu.py: codebooks checks the same): 2**bits levels, 1..16
-// clip factors, and a clip search only over codebooks of <= 16 levels.
+// clip factors, and a clip search only over symmetric codebooks of <= 16 levels.
 inline bool codebook_ok(const Codebook& cb, int bits) {
   return bits >= 1 && bits <= 8 && cb.num_levels == (int64_t{1} << bits) && cb.num_clip_factors >= 1 &&
-         cb.num_clip_factors <= kMaxClipFactors && (cb.num_clip_factors == 1 || cb.num_levels <= kLaneLevels) &&
+         cb.num_clip_factors <= kMaxClipFactors &&
+         (cb.num_clip_factors == 1 || (cb.num_levels <= kLaneLevels && symmetric_search_ok(cb))) &&
          cb.zero_code >= 0 && cb.zero_code < cb.num_levels;
 }
 
@@ -138,11 +159,13 @@ struct LaneSearch {
   int num_levels;
   float first;     // the first step's pivot, thresholds[num_levels / 2 - 1]
   v16f pivots[3];  // step num_levels / 4, / 8, ...: pivots[k][j] = thresholds[j + step - 1]
-  explicit LaneSearch(const Codebook& cb) : num_levels(static_cast<int>(cb.num_levels)) {
-    first = cb.thresholds[num_levels / 2 - 1];
+  explicit LaneSearch(const Codebook& cb) : LaneSearch(cb.thresholds, static_cast<int>(cb.num_levels)) {}
+  // thresholds: levels - 1 ascending values, then +inf (Codebook's padding) up to levels / 4 + 15
+  LaneSearch(const float* thresholds, int levels) : num_levels(levels) {
+    first = thresholds[num_levels / 2 - 1];
     int k = 0;
     for (int step = num_levels / 4; step >= 1; step /= 2, ++k)  // codebook_ok: <= 16 levels, 3 steps
-      for (int j = 0; j < 16; ++j) pivots[k][j] = cb.thresholds[j + step - 1];  // past the last: +inf
+      for (int j = 0; j < 16; ++j) pivots[k][j] = thresholds[j + step - 1];
   }
   // kLevels: num_levels when known at compile time (the loop unrolls), else 0.
   template <int kLevels = 0>
@@ -289,20 +312,29 @@ struct Candidates {
   }
 };
 
-// Every candidate's error sum_i (y_i - fp32(LEVELS[code_i] * s))^2 -- the oracle's codes, summed
-// in fp32 with FMAs, one lane per element: within (n / 16 + 20) 2**-24 of the exact sum (relative)
-// plus n 2**-149 (absolute). kLevels: the codebook's size when known at compile time, else 0.
-template <int kLevels, bool kMarkstein>
+// Every candidate's error sum_i (y_i - fp32(LEVELS[code_i] * s))^2, approximately. A symmetric
+// codebook (symmetric_search_ok) gives y and -y mirrored codes, so the squared error is that of |y|
+// in the positive half, |y| - fp32(LEVELS * s) being exactly the oracle's y - decoded up to sign.
+// Its code is searched with |y| * fp32(1 / s) (within 2**-22 of the oracle's rounded quotient, and
+// below the first positive threshold whenever it underflows): it differs from the oracle's only
+// when that quotient lies within 2**-22 of a threshold t, where the two neighbouring levels are
+// nearly equidistant from y and the squared errors differ by at most 4 (t / g) 2**-22 <= 2**-15 of
+// the element's own. Summed in fp32 with FMAs, one lane per element: within 2**-15 + (n / 16 + 20)
+// 2**-24 of the oracle's error (relative) plus n 2**-149 (absolute). kLevels: the codebook's size
+// when known at compile time, else 0.
+template <int kLevels>
 inline void approximate_errors(const float* y, int n, const Candidates& c, const Codebook& cb, float* err) {
-  const LaneSearch search(cb);
-  const v16f levels = load16(cb.levels);
+  const int half = static_cast<int>(cb.num_levels) / 2;
+  const LaneSearch search(cb.thresholds + half, half);  // the positive thresholds, then +inf
+  const v16f levels = load16(cb.levels + half);         // the positive levels (lanes past them unread)
+  alignas(64) float ay[kMaxLevels];                     // |y| (n <= 256)
+  for (int i = 0; i < n; i += 16) store16(ay + i, abs16(load16(y + i)));
   for (int f = 0; f < c.nf; ++f) {
-    const v16f s = splat(c.safe[f]), inv = splat(c.inv[f]);
+    const v16f inv = splat(c.inv[f]), decoded = levels * c.safe[f];  // fp32(LEVELS * s), as decoded
     v16f acc = {};
     for (int i = 0; i < n; i += 16) {
-      const v16f yv = load16(y + i);
-      const v16f q = kMarkstein ? quotient(yv, s, inv) : yv / s;
-      const v16f e = yv - __builtin_shuffle(levels, search.count<kLevels>(q)) * s;
+      const v16f a = load16(ay + i);
+      const v16f e = a - __builtin_shuffle(decoded, search.count<kLevels / 2>(a * inv));
       acc = fma16(e, e, acc);
     }
     err[f] = sum16(acc);
@@ -331,13 +363,14 @@ inline void exact_errors(const float* y, int n, const Candidates& c, const Codeb
 
 // The clip search (codebooks of <= 16 levels): the usable candidate with the least exact error, the
 // earliest on ties, or -1 when none is usable; *err: the winner's error (fp32 or exact). The fp32
-// errors decide when the best is ahead of every other by more than their error bound (2**-14
-// relative, 2**-120 absolute: ample), the exact errors otherwise (rarely: near-ties).
+// errors decide when the best is ahead of every other by more than their error bound (2**-14 of
+// the two errors' sum, 2**-120 absolute: above approximate_errors' 2**-15 + (n / 16 + 20) 2**-24
+// relative, n 2**-149 absolute), the exact errors otherwise (rarely: near-ties).
 // kMarkstein: every nonzero |y| >= kMinMarkstein.
 template <int kLevels, bool kMarkstein>
 inline int search_clip_factors(const float* y, int n, const Candidates& c, const Codebook& cb, double* err) {
   float approx[kMaxClipFactors];
-  approximate_errors<kLevels, kMarkstein>(y, n, c, cb, approx);
+  approximate_errors<kLevels>(y, n, c, cb, approx);
   int best = -1, second = -1;
   for (int f = 0; f < c.nf; ++f) {
     if (!c.usable[f]) continue;
