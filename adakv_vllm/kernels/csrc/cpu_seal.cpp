@@ -41,6 +41,7 @@ constexpr int kNumCodes = adakv::kPrecisionCodes;  // codes 0..4 = 2/3/4/8/16 bi
 constexpr int kFp16Code = adakv::kFp16Code;
 constexpr int kMaxHeadSize = 256;
 constexpr int kMinGroupSize = 16;  // format.SUPPORTED_GROUP_SIZES
+constexpr int kPrefetchAhead = 4;  // tokens a record's source is prefetched ahead of its encoding
 
 enum Status { kOk = 0, kBadArgs = 1, kBadBits = 2, kOverBudget = 3, kBadRows = 4, kNonFinite = 5, kTooLarge = 6 };
 // Value errors found while encoding, as bit flags (a NaN/inf wins over an out-of-range value).
@@ -152,11 +153,17 @@ int encode_region(const SealArgs& a, const Layout& L, const PagePlan& plan, cons
   for (int part = 0; part < 2; ++part) {
     int64_t next[kNumCodes];
     for (int c = 0; c < kNumCodes; ++c) next[c] = plan.first_record[part][c];
+    const uint16_t* head_src = plan.src[part] + static_cast<int64_t>(h) * d;
+    const int64_t token_stride = static_cast<int64_t>(L.num_kv_heads) * d;
     for (int t = 0; t < t_count; ++t) {
       const int c = codes[part * t_count + t];
       uint8_t* rec = region + next[c];
       next[c] += L.record_bytes[c];
-      const uint16_t* src = plan.src[part] + (static_cast<int64_t>(t) * L.num_kv_heads + h) * d;
+      const uint16_t* src = head_src + t * token_stride;
+      if (t + kPrefetchAhead < t_count) {  // staging is cold by sealing time: fetch ahead of use
+        const uint8_t* ahead = reinterpret_cast<const uint8_t*>(src + kPrefetchAhead * token_stride);
+        for (int b = 0; b < 2 * d; b += 64) __builtin_prefetch(ahead + b);
+      }
       if (c == kFp16Code)
         errors |= copy_16<kBf16>(src, a, d, rec) ? kFinite : kHasNonFinite;
       else
