@@ -156,25 +156,25 @@ def fused_decode(
     """query, output: [num_tokens, num_heads, head_size]; fills output[:num_actual_tokens].
     measure: also accumulate the `attention` policy's in-block measurement into the store's
     staging (what KVStore.observe_attention computes), from the kernel's own scores."""
-    _announce_fused()
     n = md.num_actual_tokens
     staging = store.staging
-    cpu_ops.paged_attention(
-        query[:n],
-        store.pages[layer],
-        store.staging.key[layer],
-        store.staging.value[layer],
-        store.staging.slot_of_block,
-        md.block_table,
-        md.seq_lens,
-        md.query_start_loc,
-        store.layout,
-        scale,
-        out=output[:n],
-        module=kernel,
-        received=staging.received if measure else None,
-        seen=staging.seen if measure else None,
-    )
+    measured = (staging.received, staging.seen) if measure else (None, None)
+    tensors = (query[:n], output[:n], store.pages[layer], staging.key[layer], staging.value[layer], *measured)
+    # prepared by the step's first layer, reused by the others (they receive the same metadata
+    # object); a layer whose tensors are shaped otherwise prepares its own
+    key = (kernel, scale, measure)
+    prepared = md.__dict__.get("_adakv_decode")
+    if prepared is not None and prepared[0] == key:
+        try:
+            prepared[1](*tensors)
+            return output
+        except cpu_ops.StepMismatch:
+            pass
+    _announce_fused()
+    sequences = (staging.slot_of_block, md.block_table, md.seq_lens, md.query_start_loc)
+    step = cpu_ops.DecodeStep(*tensors, *sequences, store.layout, scale, kernel)
+    md.__dict__["_adakv_decode"] = key, step
+    step(*tensors)
     return output
 
 

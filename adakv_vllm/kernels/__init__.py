@@ -3,7 +3,8 @@
     role      oracle (fp32 / torch, here or in quant/)    fast paths
     seal      page_codec.PageCodec.encode                 cpu.encode_pages (csrc/cpu_seal.cpp)
               (itself equal to quant.reference.pack_page)  triton_seal.seal_pages
-    decode    attention_ref.paged_attention_ref           cpu.paged_attention (csrc/cpu_decode.cpp)
+    decode    attention_ref.paged_attention_ref           cpu.paged_attention (csrc/cpu_decode.cpp),
+                                                          cpu.DecodeStep (the same, once per step)
                                                           triton_decode.paged_attention_triton
     feature   quant.reference.relative_errors             cpu.relative_errors (csrc/cpu_qerr.cpp)
 

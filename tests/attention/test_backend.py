@@ -16,7 +16,7 @@ from vllm.config import set_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata, _get_attn_isa
 
 from adakv_vllm.attention import runtime
-from adakv_vllm.attention.backend import AdaKVAttentionImpl, gather_scratch, scheduler_metadata
+from adakv_vllm.attention.backend import AdaKVAttentionImpl, fused_decode, gather_scratch, scheduler_metadata
 from adakv_vllm.blocks.spec import page_layout
 from adakv_vllm.blocks.store import KVStore
 from adakv_vllm.config import AdaKVConfig
@@ -182,6 +182,37 @@ def test_pure_decode_step_measures_in_the_kernel_what_the_store_measures(impl, s
     finally:
         store.track_attention = False
         staging.received.zero_(), staging.seen.zero_()
+
+
+def test_decode_is_prepared_once_per_step_and_again_for_a_layer_shaped_otherwise(impl, step):
+    """The fused call a step's first layer prepares (cpu.DecodeStep) serves the step's other layers,
+    which receive the same metadata object; a layer whose pages are strided otherwise prepares its
+    own instead of failing. Every call gives what a fresh step gives."""
+    store, query, metadata = step
+    kernel = library.fused_kernel()
+    decodes = [i for i, (_, q) in enumerate(MIXED) if q == 1]
+    md, rows = metadata(decodes)
+    q = query[rows]
+
+    def decode(md, pages):
+        store.pages[LAYER] = pages
+        out = torch.zeros_like(q)
+        fused_decode(kernel, store, LAYER, q, md, SCALE, out)
+        return out, md.__dict__["_adakv_decode"][1]
+
+    saved = store.pages[LAYER]
+    wide = torch.zeros(saved.shape[0], saved.shape[1] + 64, dtype=torch.uint8)
+    wide[:, : saved.shape[1]] = saved
+    try:
+        want, _ = decode(metadata(decodes)[0], saved)  # a fresh step
+        first, prepared = decode(md, saved)
+        again, reused = decode(md, saved)
+        strided, own = decode(md, wide[:, : saved.shape[1]])  # the same bytes, rows further apart
+    finally:
+        store.pages[LAYER] = saved
+    assert reused is prepared and own is not prepared
+    for out in (first, again, strided):
+        assert torch.equal(out, want)
 
 
 def test_scratch_holds_the_gathered_blocks_in_stock_format(step):

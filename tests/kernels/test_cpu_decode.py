@@ -290,6 +290,43 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_any_batch(module):
         assert torch.equal(cpu.paged_attention(**alone, **common)[0], batch[s]), f"sequence {s}"
 
 
+def test_a_prepared_step_serves_every_layer_as_one_shot_calls(module):
+    """DecodeStep prepared once (from the first layer's tensors) and called for three layers --
+    other pages, staging, queries and outputs of the same shapes -- gives each layer paged_attention's
+    bits; a layer shaped otherwise is refused with StepMismatch, writing nothing."""
+    case = Case("layers", (33, 67, 5, 131), open_blocks="random")
+    first, codec = _problem(case, seed=1)
+    sealed = (first["staging_slot"] < 0).nonzero().squeeze(1)
+    layers = [first]
+    for shift in (1, 2):  # other layers: the same step, other contents (sealed pages stay sealed pages)
+        pages = first["pages"].clone()
+        pages[sealed] = first["pages"][sealed.roll(shift)]
+        staged = {k: first[k].roll(shift, 0) for k in ("staging_key", "staging_value")}
+        query = torch.randn(first["query"].shape, generator=torch.Generator().manual_seed(shift))
+        layers.append({**first, **staged, "pages": pages, "query": query})
+    common = {"layout": codec.layout, "scale": 0.125, "module": module}
+    expected = [cpu.paged_attention(**args, **common) for args in layers]
+    assert not torch.equal(expected[0], expected[1])
+    sequences = [first[k] for k in ("staging_slot", "block_table", "seq_lens", "query_start_loc")]
+
+    def tensors(args, out):
+        return args["query"], out, args["pages"], args["staging_key"], args["staging_value"]
+
+    outs = [torch.zeros_like(args["query"]) for args in layers]
+    step = cpu.DecodeStep(*tensors(first, outs[0]), None, None, *sequences, **common)
+    for args, out, want in zip(layers, outs, expected, strict=True):
+        assert step(*tensors(args, out)) is out
+        assert torch.equal(out, want)
+    out = torch.full_like(first["query"], 5.0)
+    for bad in (first["query"][:-1], first["query"].to(torch.bfloat16), first["query"].transpose(0, 1)):
+        with pytest.raises(cpu.StepMismatch):
+            step(bad, out, first["pages"], first["staging_key"], first["staging_value"])
+    with pytest.raises(cpu.StepMismatch):  # measuring when prepared without the buffers
+        staged = torch.zeros(first["staging_key"].shape[0], case.block_size)
+        step(*tensors(first, out), staged, staged.clone())
+    assert (out == 5.0).all()
+
+
 def test_invalid_inputs_raise_value_error(module):
     args, codec = _problem(Case("v", (40,)))
     bad = {**args, "seq_lens": args["seq_lens"].float()}
