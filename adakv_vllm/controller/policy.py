@@ -77,6 +77,13 @@ class Policy:
         """-> weight [T], distortion [T, len(PRECISIONS)] (per precision code, non-increasing)."""
         raise NotImplementedError
 
+    def scores_many(self, blocks: list[BlockTokens], part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`scores` of n >= 1 blocks of T tokens -> weight [n, T], distortion [n, T, P]: the same
+        numbers, block by block here; a policy may compute them together (the scheduler's seal
+        planning calls this for every block that seals in a step)."""
+        scores = [self.scores(block, part) for block in blocks]
+        return torch.stack([w for w, _ in scores]), torch.stack([d for _, d in scores])
+
     def floor(self, block: BlockTokens, part: str) -> torch.Tensor | None:
         """Optional [T] bit-widths the planner grants first, budget permitting."""
         return None
@@ -86,13 +93,17 @@ class StaticPolicy(Policy):
     name = "static"
 
     def scores(self, block, part):
-        num_tokens = block.token_ids.numel()
+        weight, distortion = self.scores_many([block], part)
+        return weight[0], distortion[0]
+
+    def scores_many(self, blocks, part):
+        shape = (len(blocks), blocks[0].token_ids.numel())
         # Distortion = steps still missing to the target, so every step up to it has gain 1.
         target = self.targets[part]
         steps = torch.tensor(
             [float(sum(q.bits < target for q in PRECISIONS[i:])) for i in range(len(PRECISIONS))]
         )
-        return torch.ones(num_tokens), steps.expand(num_tokens, -1)
+        return torch.ones(shape), steps.expand(*shape, -1)
 
 
 class RandomPolicy(Policy):
@@ -109,13 +120,20 @@ class AttentionPolicy(Policy):
     reads_attention = True
 
     def scores(self, block, part):
-        num_tokens = block.token_ids.numel()
-        weight = block.attention if block.attention is not None else torch.full((num_tokens,), float("nan"))
+        weight, distortion = self.scores_many([block], part)
+        return weight[0], distortion[0]
+
+    def scores_many(self, blocks, part):
+        num_tokens = blocks[0].token_ids.numel()
+        unknown = torch.full((num_tokens,), float("nan"))
+        weight = torch.stack([unknown if b.attention is None else b.attention.float() for b in blocks])
         known = ~torch.isnan(weight)
-        # unmeasured tokens (e.g. written by another TP rank's heads only) get the block's median
-        fill = weight[known].median() if known.any() else torch.tensor(1.0)
+        # unmeasured tokens (e.g. written by another TP rank's heads only) get their block's median
+        # (the lower of the two middle values, as torch.median), 1 in a block with none measured
+        fill = torch.nanmedian(weight, dim=1, keepdim=True).values
+        fill = torch.where(torch.isnan(fill), 1.0, fill)
         weight = torch.where(known, weight, fill).clamp_min(0.0)
-        return weight.float(), GENERIC_DISTORTION.expand(num_tokens, -1)
+        return weight, GENERIC_DISTORTION.expand(len(blocks), num_tokens, -1)
 
 
 class RulePolicy(Policy):

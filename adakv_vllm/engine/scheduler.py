@@ -197,14 +197,12 @@ class AdaKVScheduler(Scheduler):
             if self.targets[i] >= PRECISIONS[-1].bits:
                 bits[i] = PRECISIONS[-1].bits  # every policy stores FP16 at 16 bits
                 continue
-            scores = [self.policy.scores(block, part) for block in tokens]
+            weight, distortion = self.policy.scores_many(tokens, part)
             floors = [self.policy.floor(block, part) for block in tokens]
             floor = None
             if any(f is not None for f in floors):
                 lowest = torch.full((bs,), PRECISIONS[0].bits)
                 floor = torch.stack([lowest if f is None else f for f in floors])
-            weight = torch.stack([w for w, _ in scores])
-            distortion = torch.stack([d for _, d in scores])
             bits[i] = planner.allocate_pages(weight, distortion, self.token_cost, self.budgets[i], floor)
         for block in block_ids:
             self.book.mark_sealed(block, candidates[block])

@@ -83,6 +83,37 @@ def test_attention_gives_the_bits_to_the_most_attended_tokens():
     assert set(plan(make_policy("attention", 4, 4), b, 4).tolist()) == {4}
 
 
+def _blocks_with_unmeasured_tokens():
+    """Blocks whose attention is fully, partly (an odd and an even count), not at all measured, or absent."""
+    blocks = [block(seed=s) for s in range(5)]
+    blocks[1].attention[::3] = float("nan")  # 21 measured: one middle value
+    blocks[2].attention[:6] = float("nan")  # 26 measured: the lower of the two middle values
+    blocks[3].attention[:] = float("nan")
+    blocks[4].attention = None
+    return blocks
+
+
+@pytest.mark.parametrize("name", ["static", "random", "attention", "rule"])  # learned: Policy's loop
+def test_scores_many_equals_scores_block_by_block(name):
+    policy = make_policy(name, 3.5, 3, 0, 4)
+    blocks = _blocks_with_unmeasured_tokens()
+    for part in PARTS:
+        weight, distortion = policy.scores_many(blocks, part)
+        for i, b in enumerate(blocks):
+            w, d = policy.scores(b, part)
+            assert torch.equal(weight[i], w) and torch.equal(distortion[i], d), (part, i)
+
+
+def test_attention_fills_unmeasured_tokens_with_the_blocks_lower_median():
+    policy = make_policy("attention", 3.5, 3.5)
+    weight, _ = policy.scores_many(_blocks_with_unmeasured_tokens(), "key")
+    for i, b in enumerate(_blocks_with_unmeasured_tokens()):
+        a = b.attention if b.attention is not None else torch.full((T,), float("nan"))
+        known = ~torch.isnan(a)
+        fill = a[known].median() if known.any() else torch.tensor(1.0)  # torch.median: the lower middle
+        assert torch.equal(weight[i], torch.where(known, a, fill).clamp_min(0.0)), i
+
+
 def test_rule_grants_sinks_and_prefers_high_error_tokens():
     b = block()
     bits = plan(make_policy("rule", 3, 3, sink_tokens=4), b, 3)
