@@ -144,7 +144,7 @@ def test_pages_equal_the_codec(module, case, dtype):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("data", ["gaussian", "heavy_tailed", "coarse_grid"])
+@pytest.mark.parametrize("data", ["gaussian", "heavy_tailed", "coarse_grid", "spikes"])
 def test_clip_search_picks_the_codecs_scale_over_many_records(module, bits, data):
     """The clip search's fp32 pass (codes of |y| in the codebook's positive half, y times 1 / s)
     decides as the codec's fp64 errors do, over 8192 groups per case: Gaussian; heavy-tailed (one
@@ -160,6 +160,9 @@ def test_clip_search_picks_the_codecs_scale_over_many_records(module, bits, data
         x = x**3
     elif data == "coarse_grid":
         x = torch.round(x * 2) / 2
+    elif data == "spikes":  # a few large channels rotate to groups of two or three magnitudes
+        spikes = torch.rand(x.shape, generator=gen) < 0.03
+        x = 0.2 * x + spikes * 8 * torch.randn(x.shape, generator=gen)
     key, value = x.bfloat16()
     kb = torch.full((32, 32), bits)
     expected = PageCodec(layout, torch.bfloat16).encode(key, value, kb, kb)

@@ -44,6 +44,7 @@ constexpr int kQuantizedCodes = 4;  // precision codes 0..3: 2, 3, 4, 8 bits
 constexpr int kMaxLevels = 256;
 constexpr int kMaxClipFactors = 16;  // one SIMD lane each
 constexpr int kLaneLevels = 16;      // codebooks up to this size live in one register
+constexpr int kPruneBatch = 4;       // clip candidates measured between two tests of the bound
 
 // One quantized precision's codebook. Mirror: library.py's Codebook, field by field.
 struct Codebook {
@@ -322,23 +323,52 @@ struct Candidates {
 // the element's own. Summed in fp32 with FMAs, one lane per element: within 2**-15 + (n / 16 + 20)
 // 2**-24 of the oracle's error (relative) plus n 2**-149 (absolute). kLevels: the codebook's size
 // when known at compile time, else 0.
+//
+// Pruning: the candidates' scales never grow along the search order, so the error of the elements
+// beyond the top level alone -- sum of (|y| - fp32(top * s))^2 over them, their exact error -- is a
+// lower bound of a candidate's error that never decreases along the order. Once it exceeds the
+// best error measured so far by 2**-12 (far above both sums' rounding), neither that candidate nor
+// a later one can win or tie (a tie goes to the earlier one anyway): the pass stops. Returns how many
+// candidates it measured (err[f] for f below that); 4-bit groups usually stop after ~5 of 13.
 template <int kLevels>
-inline void approximate_errors(const float* y, int n, const Candidates& c, const Codebook& cb, float* err) {
+inline int approximate_errors(const float* y, int n, const Candidates& c, const Codebook& cb, float* err) {
   const int half = static_cast<int>(cb.num_levels) / 2;
   const LaneSearch search(cb.thresholds + half, half);  // the positive thresholds, then +inf
   const v16f levels = load16(cb.levels + half);         // the positive levels (lanes past them unread)
+  const float top = cb.levels[cb.num_levels - 1];
   alignas(64) float ay[kMaxLevels];                     // |y| (n <= 256)
   for (int i = 0; i < n; i += 16) store16(ay + i, abs16(load16(y + i)));
-  for (int f = 0; f < c.nf; ++f) {
-    const v16f inv = splat(c.inv[f]), decoded = levels * c.safe[f];  // fp32(LEVELS * s), as decoded
-    v16f acc = {};
-    for (int i = 0; i < n; i += 16) {
-      const v16f a = load16(ay + i);
-      const v16f e = a - __builtin_shuffle(decoded, search.count<kLevels / 2>(a * inv));
-      acc = fma16(e, e, acc);
+  alignas(64) float s[kMaxClipFactors], inv[kMaxClipFactors];
+  int usable[kMaxClipFactors];
+  store16(s, c.safe), store16(inv, c.inv);
+  for (int f = 0; f < kMaxClipFactors; ++f) usable[f] = c.usable[f] != 0;
+  float best = INFINITY;
+  for (int f0 = 0; f0 < c.nf; f0 += kPruneBatch) {
+    if (f0 > 0 && best < INFINITY) {  // the bound of the batch's first candidate bounds the rest
+      const v16f top_s = splat(top * s[f0]);
+      v16f acc = {};
+      for (int i = 0; i < n; i += 16) {
+        const v16f over = load16(ay + i) - top_s;
+        const v16f clipped = over > 0.f ? over : splat(0.f);
+        acc = fma16(clipped, clipped, acc);
+      }
+      if (sum16(acc) > best * (1.f + 0x1p-12f) + 0x1p-120f) return f0;
     }
-    err[f] = sum16(acc);
+    const int f1 = std::min(f0 + kPruneBatch, static_cast<int>(c.nf));
+    for (int f = f0; f < f1; ++f) {  // independent of each other: no test between them
+      const v16f invs = splat(inv[f]), decoded = levels * s[f];  // fp32(LEVELS * s), as decoded
+      v16f acc = {};
+      for (int i = 0; i < n; i += 16) {
+        const v16f a = load16(ay + i);
+        const v16f e = a - __builtin_shuffle(decoded, search.count<kLevels / 2>(a * invs));
+        acc = fma16(e, e, acc);
+      }
+      err[f] = sum16(acc);
+    }
+    for (int f = f0; f < f1; ++f)
+      if (usable[f]) best = std::min(best, err[f]);
   }
+  return c.nf;
 }
 
 // Every candidate's error exactly as the oracle computes it: y_i - decoded_i and its square in fp64,
@@ -370,9 +400,9 @@ inline void exact_errors(const float* y, int n, const Candidates& c, const Codeb
 template <int kLevels, bool kMarkstein>
 inline int search_clip_factors(const float* y, int n, const Candidates& c, const Codebook& cb, double* err) {
   float approx[kMaxClipFactors];
-  approximate_errors<kLevels>(y, n, c, cb, approx);
+  const int measured = approximate_errors<kLevels>(y, n, c, cb, approx);  // the rest cannot win
   int best = -1, second = -1;
-  for (int f = 0; f < c.nf; ++f) {
+  for (int f = 0; f < measured; ++f) {
     if (!c.usable[f]) continue;
     if (best < 0 || approx[f] < approx[best])
       second = best, best = f;
