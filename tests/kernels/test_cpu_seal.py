@@ -146,10 +146,12 @@ def test_pages_equal_the_codec(module, case, dtype):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("data", ["gaussian", "heavy_tailed", "coarse_grid", "spikes"])
 def test_clip_search_picks_the_codecs_scale_over_many_records(module, bits, data):
-    """The clip search's fp32 pass (codes of |y| in the codebook's positive half, y times 1 / s)
-    decides as the codec's fp64 errors do, over 8192 groups per case: Gaussian; heavy-tailed (one
-    large element per group: the clipping candidates differ most); on a coarse grid (few distinct
-    values, so candidates' errors tie exactly or nearly and the exact pass decides)."""
+    """The clip search's fp32 pass (codes of |y| in the codebook's positive half, y times 1 / s,
+    candidates pruned by the clipped elements' error) decides as the codec's fp64 errors do, over
+    8192 groups per case: Gaussian; heavy-tailed (one large element per group: the clipping
+    candidates differ most); on a coarse grid (few distinct values, so candidates' errors tie exactly
+    or nearly and the exact pass decides); spikes (groups of two or three magnitudes, where the
+    clipped elements' error is most of a candidate's)."""
     case = Case(
         "many", block_size=32, num_kv_heads=2, head_size=64, group_size=32, target=bits, bits=str(bits)
     )

@@ -328,8 +328,10 @@ struct Candidates {
 // beyond the top level alone -- sum of (|y| - fp32(top * s))^2 over them, their exact error -- is a
 // lower bound of a candidate's error that never decreases along the order. Once it exceeds the
 // best error measured so far by 2**-12 (far above both sums' rounding), neither that candidate nor
-// a later one can win or tie (a tie goes to the earlier one anyway): the pass stops. Returns how many
-// candidates it measured (err[f] for f below that); 4-bit groups usually stop after ~5 of 13.
+// a later one can win or tie (a tie goes to the earlier one anyway): the pass stops. Candidates are
+// measured kPruneBatch at a time, the bound tested between batches only (a test after every one
+// serialises them: slower where little is pruned). Returns how many candidates it measured (err[f]
+// for f below that); Gaussian 4-bit groups usually stop after the first batch.
 template <int kLevels>
 inline int approximate_errors(const float* y, int n, const Candidates& c, const Codebook& cb, float* err) {
   const int half = static_cast<int>(cb.num_levels) / 2;
