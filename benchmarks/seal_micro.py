@@ -55,6 +55,11 @@ def main() -> None:
     for b in args.bits:
         if b != "mixed" and not (b.isdigit() and int(b) in ALL_BITS):
             parser.error(f"--bits takes {list(ALL_BITS)} or mixed, got {b}")
+    for name in ("pages", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if min(args.threads) < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     module = library.build()
     record = fmt.RecordLayout(HEAD_SIZE, GROUP)
     layout = fmt.PageLayout(BLOCK, HEADS, record, fmt.page_bytes_for_target(BLOCK, HEADS, record, 4.0, 4.0))
