@@ -135,13 +135,15 @@ class AdaKVAttentionImpl(CPUAttentionBackendImpl):
         if split.decode is None:
             return self._scratch_forward(layer, store, index, query, key, value, attn_metadata, output)
         rows = split.decode_rows
-        out = output.new_empty((rows.numel(), *output.shape[1:]))
+        out = output[rows] if isinstance(rows, slice) else output.new_empty((rows.numel(), *output.shape[1:]))
         fused_decode(self._fused, store, index, query[rows], split.decode, self.scale, out)
-        output[rows] = out
+        if not isinstance(rows, slice):
+            output[rows] = out
         rows = split.prefill_rows
-        out = output.new_empty((rows.numel(), *output.shape[1:]))
+        out = output[rows] if isinstance(rows, slice) else output.new_empty((rows.numel(), *output.shape[1:]))
         self._scratch_forward(layer, store, index, query[rows], key[rows], value[rows], split.prefill, out)
-        output[rows] = out
+        if not isinstance(rows, slice):
+            output[rows] = out
         return output
 
     def _scratch_forward(self, layer, store, index: int, query, key, value, md, output):
@@ -181,12 +183,14 @@ def fused_decode(
 @dataclasses.dataclass(frozen=True)
 class StepSplit:
     """A mixed step cut into its decode sequences and its prefill sequences, each with its own
-    metadata (token rows renumbered from 0) and the step's token rows it covers."""
+    metadata (token rows renumbered from 0) and the step's token rows it covers: a slice where they
+    are consecutive (the usual order: running requests' decodes, then the new prompts), so the
+    forward reads the query and writes the output through views, else their indices (copies)."""
 
     decode: CPUAttentionMetadata | None  # None: the step has no decode rows, or only decode rows
-    decode_rows: torch.Tensor | None
+    decode_rows: slice | torch.Tensor | None
     prefill: CPUAttentionMetadata | None
-    prefill_rows: torch.Tensor | None
+    prefill_rows: slice | torch.Tensor | None
 
 
 _NO_SPLIT = StepSplit(None, None, None, None)
@@ -232,7 +236,9 @@ def _split(md: CPUAttentionMetadata, num_heads, num_kv_heads, head_size, dtype, 
             slot_mapping=md.slot_mapping[rows],
             scheduler_metadata=scheduler,
         )
-        return sub, rows
+        first, count = int(rows[0]), rows.numel()
+        consecutive = int(rows[-1]) - first + 1 == count  # rows ascend: runs of ascending qsl
+        return sub, slice(first, first + count) if consecutive else rows
 
     decode, decode_rows = part(is_decode, with_scheduler=False)
     prefill, prefill_rows = part(~is_decode, with_scheduler=True)

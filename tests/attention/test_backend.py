@@ -16,7 +16,13 @@ from vllm.config import set_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata, _get_attn_isa
 
 from adakv_vllm.attention import runtime
-from adakv_vllm.attention.backend import AdaKVAttentionImpl, fused_decode, gather_scratch, scheduler_metadata
+from adakv_vllm.attention.backend import (
+    AdaKVAttentionImpl,
+    fused_decode,
+    gather_scratch,
+    scheduler_metadata,
+    split_step,
+)
 from adakv_vllm.blocks.spec import page_layout
 from adakv_vllm.blocks.store import KVStore
 from adakv_vllm.config import AdaKVConfig
@@ -121,14 +127,19 @@ def _forward(impl, step, seqs):
     return out[: rows.numel()]
 
 
-def test_mixed_step_rows_equal_the_pure_steps(impl, step):
-    everything = list(range(len(MIXED)))
+@pytest.mark.parametrize("order", ["interleaved", "decodes_first"])
+def test_mixed_step_rows_equal_the_pure_steps(impl, step, order):
     decodes = [i for i, (_, q) in enumerate(MIXED) if q == 1]
     prefills = [i for i, (_, q) in enumerate(MIXED) if q > 1]
+    everything = list(range(len(MIXED))) if order == "interleaved" else decodes + prefills
+    metadata = step[2]
+    # interleaved rows are gathered and scattered by index; consecutive ones go through views
+    split = split_step(metadata(everything)[0], NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, DTYPE, ISA)
+    kind = torch.Tensor if order == "interleaved" else slice
+    assert isinstance(split.decode_rows, kind) and isinstance(split.prefill_rows, kind)
     mixed = _forward(impl, step, everything)
     pure_decode = _forward(impl, step, decodes)  # max_query_len 1: the fused kernel
     pure_prefill = _forward(impl, step, prefills)  # no decode rows: the scratch path
-    metadata = step[2]
     position = {int(r): j for j, r in enumerate(metadata(everything)[1])}
     decode_rows = [position[int(r)] for r in metadata(decodes)[1]]
     prefill_rows = [position[int(r)] for r in metadata(prefills)[1]]
