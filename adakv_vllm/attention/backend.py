@@ -6,7 +6,8 @@ Writes go to FP16 staging (`do_kv_cache_update`). Reads take one of two paths, c
   scratch  prefill rows (query_len > 1: prefill, chunked prefill), or every row with
            ADAKV_CPU_ATTENTION=scratch: gather the blocks those sequences need -- sealed pages
            decoded, open blocks from staging -- into a small bf16 scratch cache laid out like stock
-           CPU_ATTN's, and run vLLM's own CPU attention kernel over it with a remapped block table
+           CPU_ATTN's (in 128-token blocks, stock's default, each holding several pages), and run
+           vLLM's own CPU attention kernel over it with a remapped block table
            (its GEMM-shaped tiles are ~2x faster than the fused kernel on prefill). At 16 bits the
            scratch holds exactly the bytes stock vLLM would have cached, so outputs match stock.
 A mixed step splits the batch: decode rows always take the fused kernel, whose work split depends
@@ -283,38 +284,66 @@ def count_reads(store, md: CPUAttentionMetadata) -> None:
     store.count_reads(query_lens, md.seq_lens, sealed_per_req)
 
 
+# Scratch blocks hold this many tokens where the page block size divides it: stock CPU_ATTN's default
+# block size, at which its kernel runs a few percent faster than at AdaKV's 32-token pages.
+SCRATCH_BLOCK_TOKENS = 128
+
+
 def gather_scratch(store, layer: int, md: CPUAttentionMetadata, isa: str):
-    """-> scratch [U, num_kv_heads, block_size, 2*head_size] in stock CPU_ATTN's cache format and
-    the block table remapped into it. The scratch is written with vLLM's own cache-write op, since
-    the byte order inside a block depends on the kernel ISA (e.g. AMX packs keys): sealed pages
-    decoded first, open blocks straight from staging's rows (the op skips rows mapped to -1), so a
-    fresh prompt's blocks are copied once, not three times."""
+    """-> scratch [U, num_kv_heads, S, 2*head_size] in stock CPU_ATTN's cache format and the block
+    table remapped into it. Each sequence gets scratch blocks of its own, S = SCRATCH_BLOCK_TOKENS
+    tokens (several pages) where the page block size divides it, else one page each: its pages in
+    order, page j at token j * block_size. The scratch is written with vLLM's own cache-write op,
+    since the byte order inside a block depends on the kernel ISA (e.g. AMX packs keys): sealed pages
+    decoded first (each distinct page once), open blocks straight from staging's rows (the op skips
+    rows mapped to -1), so a fresh prompt's blocks are copied once, not three times. A page that
+    several sequences of the step share is written for each of them (the repeats by index)."""
     bs = store.layout.block_size
+    per = SCRATCH_BLOCK_TOKENS // bs if bs < SCRATCH_BLOCK_TOKENS and SCRATCH_BLOCK_TOKENS % bs == 0 else 1
+    span = per * bs  # tokens per scratch block
     num_reqs = md.seq_lens.numel()
     blocks_per_req = (md.seq_lens.to(torch.int64) + bs - 1) // bs  # [num_reqs]
     width = int(blocks_per_req.max()) if num_reqs else 0
     table = md.block_table[:num_reqs, :width].to(torch.int64)
-    needed = torch.arange(width)[None, :] < blocks_per_req[:, None]  # [num_reqs, width]
-    block_ids, inverse = torch.unique(table[needed], return_inverse=True)
-    u, h, d = block_ids.numel(), store.layout.num_kv_heads, store.layout.record.head_size
-    scratch = torch.empty(u, h, 2 * bs, d, dtype=store.dtype)
-    key_cache, value_cache = scratch.chunk(2, dim=2)
-    offsets = torch.arange(bs)
-    sealed = store.sealed[block_ids]
-    rows = sealed.nonzero().squeeze(1)  # [s] scratch blocks that sealed pages fill
-    if rows.numel():
-        key, value = (x.flatten(0, 1) for x in store.gather(layer, block_ids[rows]))  # [s * bs, H, D]
-        to = (rows[:, None] * bs + offsets).flatten()
-        ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, to, isa)
-    if rows.numel() < u:
-        open_ = (~sealed).nonzero().squeeze(1)  # scratch blocks that staged blocks fill
+    page = torch.arange(width)
+    needed = page[None, :] < blocks_per_req[:, None]  # [num_reqs, width]
+    scratch_per_req = (blocks_per_req + per - 1) // per
+    first_block = torch.cumsum(scratch_per_req, 0) - scratch_per_req  # [num_reqs]
+    # the scratch row of each needed page's first token
+    row = (first_block[:, None] + page // per) * span + page % per * bs  # [num_reqs, width]
+    ids, rows = table[needed], row[needed]
+    u, h, d = int(scratch_per_req.sum()), store.layout.num_kv_heads, store.layout.record.head_size
+    scratch = torch.empty(u, h, 2 * span, d, dtype=store.dtype)
+    caches = scratch.chunk(2, dim=2)
+    sealed = store.sealed[ids]
+    if sealed.any():
+        unique, inverse = torch.unique(ids[sealed], return_inverse=True)
+        key, value = (x.flatten(0, 1) for x in store.gather(layer, unique))  # [s * bs, H, D]
+        _copy_blocks(key, value, inverse, rows[sealed], caches, bs, isa)
+    if not sealed.all():
         staging = store.staging
-        slots = staging.slot_of_block[block_ids[open_]]
+        slots = staging.slot_of_block[ids[~sealed]]
         assert (slots >= 0).all(), "reading a block that has no staging slot"
-        key_rows, value_rows = staging.rows(layer)
-        to = torch.full((key_rows.shape[0],), -1, dtype=torch.int64)  # staging row -> scratch row
-        to.view(-1, bs)[slots] = open_[:, None] * bs + offsets
-        ops.cpu_attn_reshape_and_cache(key_rows, value_rows, key_cache, value_cache, to, isa)
+        _copy_blocks(*staging.rows(layer), slots, rows[~sealed], caches, bs, isa)
     remapped = torch.zeros_like(md.block_table)
-    remapped[:num_reqs, :width][needed] = inverse.to(remapped.dtype)
-    return scratch.view(u, h, bs, 2 * d), remapped
+    if num_reqs:
+        within = torch.arange(int(scratch_per_req.max()))
+        mine = within[None, :] < scratch_per_req[:, None]
+        remapped[:num_reqs, : within.numel()][mine] = (first_block[:, None] + within)[mine].to(remapped.dtype)
+    return scratch.view(u, h, span, 2 * d), remapped
+
+
+def _copy_blocks(key, value, blocks, rows, caches, bs: int, isa: str) -> None:
+    """caches (key, value) rows rows[i] .. rows[i] + bs = the token rows of block blocks[i] of
+    key, value ([N, H, D], block b = rows b * bs .. + bs): one cache-write call mapping each source
+    row to one place, then the occurrences of repeated blocks that lost that place, by index."""
+    offsets = torch.arange(bs)
+    to = torch.full((key.shape[0],), -1, dtype=torch.int64).view(-1, bs)
+    to[blocks] = rows[:, None] + offsets  # a repeated block keeps one of its occurrences' rows
+    ops.cpu_attn_reshape_and_cache(key, value, *caches, to.view(-1), isa)
+    lost = to[blocks, 0] != rows
+    if lost.any():
+        source = (blocks[lost, None] * bs + offsets).flatten()
+        ops.cpu_attn_reshape_and_cache(
+            key[source], value[source], *caches, (rows[lost, None] + offsets).flatten(), isa
+        )

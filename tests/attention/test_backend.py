@@ -7,6 +7,7 @@ probabilities to bf16, the fused kernel keeps fp32: greedy near-ties flip betwee
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import pytest
@@ -17,6 +18,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata, _get_attn_
 
 from adakv_vllm.attention import runtime
 from adakv_vllm.attention.backend import (
+    SCRATCH_BLOCK_TOKENS,
     AdaKVAttentionImpl,
     fused_decode,
     gather_scratch,
@@ -226,22 +228,57 @@ def test_decode_is_prepared_once_per_step_and_again_for_a_layer_shaped_otherwise
         assert torch.equal(out, want)
 
 
-def test_scratch_holds_the_gathered_blocks_in_stock_format(step):
-    """gather_scratch writes sealed pages (decoded) and staged blocks (straight from staging's rows)
-    into stock's cache format: the same bytes as writing every block's gathered K/V in one call."""
+@pytest.mark.parametrize("shared", [False, True])
+def test_scratch_holds_each_sequences_pages_in_stock_format(step, shared, monkeypatch):
+    """gather_scratch lays each sequence's pages, in order, into scratch blocks of its own
+    (SCRATCH_BLOCK_TOKENS tokens, several pages), sealed pages decoded and staged blocks straight from
+    staging's rows, in stock's cache format: at every token a sequence reads, the same bytes as
+    writing that sequence's gathered K/V there in one call. shared: a fresh prompt also reads a sealed
+    page and a staged block of another sequence (a prefix hit inside the step); each gets a copy."""
     store, _query, metadata = step
     md, _rows = metadata(list(range(len(MIXED))))
+    pages = [-(-s // BLOCK_SIZE) for s, _ in MIXED]
+    if shared:
+        table = md.block_table.clone()
+        table[1, 0], table[1, 2] = table[3, 0], table[3, pages[3] - 1]
+        md = dataclasses.replace(md, block_table=table)
+        assert store.sealed[table[3, 0]] and not store.sealed[table[3, pages[3] - 1]]
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):  # whatever gather_scratch leaves unwritten reads 1234, not old bytes
+        out = empty(*args, **kwargs)
+        return out.fill_(1234) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", poisoned)
     scratch, remapped = gather_scratch(store, LAYER, md, ISA)
-    u = scratch.shape[0]
-    blocks = torch.zeros(u, dtype=torch.int64)  # scratch block -> the vLLM block it holds
-    blocks[remapped.flatten().long()] = md.block_table.flatten().long()
-    needed = [md.block_table[i, : -(-s // BLOCK_SIZE)] for i, (s, _) in enumerate(MIXED)]
-    assert torch.equal(blocks, torch.cat(needed).long().unique())  # every block the step reads, once
-    assert store.sealed[blocks].any() and not store.sealed[blocks].all()  # both kinds
-    key, value = store.gather(LAYER, blocks)
-    expected = torch.empty_like(scratch).view(u, NUM_KV_HEADS, 2 * BLOCK_SIZE, HEAD_SIZE)
+    monkeypatch.undo()
+    u, span = scratch.shape[0], scratch.shape[2]
+    assert span == SCRATCH_BLOCK_TOKENS  # BLOCK_SIZE divides it
+    own = [remapped[i, : -(-n * BLOCK_SIZE // span)].long() for i, n in enumerate(pages)]
+    assert torch.equal(torch.cat(own).sort().values, torch.arange(u))  # every sequence its own blocks
+    read = torch.cat([md.block_table[i, :n] for i, n in enumerate(pages)]).long()
+    assert store.sealed[read].any() and not store.sealed[read].all()  # both kinds
+    expected = scratch.clone().view(u, NUM_KV_HEADS, 2 * span, HEAD_SIZE)
     key_cache, value_cache = expected.chunk(2, dim=2)
-    to = torch.arange(u * BLOCK_SIZE)
-    ops.cpu_attn_reshape_and_cache(key.flatten(0, 1), value.flatten(0, 1), key_cache, value_cache, to, ISA)
+    for i, n in enumerate(pages):
+        key, value = store.gather(LAYER, md.block_table[i, :n].long())  # [n, bs, H, D] sealed or staged
+        to = (own[i][:, None] * span + torch.arange(span)).flatten()[: n * BLOCK_SIZE]
+        ops.cpu_attn_reshape_and_cache(
+            key.flatten(0, 1), value.flatten(0, 1), key_cache, value_cache, to, ISA
+        )
     # bitwise: positions past a sequence's end hold whatever staging held (uninitialised, maybe NaN)
     assert torch.equal(scratch.view(expected.shape).view(torch.int16), expected.view(torch.int16))
+
+
+def test_unwritten_scratch_is_never_read(impl, step, monkeypatch):
+    """A sequence's last scratch block can hold pages past its end that nothing writes (besides the
+    tokens past its end in its last page). Allocated as NaN, they leave every output row equal to the
+    oracle's: vLLM's kernel reads no token past a sequence's length."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    test_mixed_step_matches_the_oracle(impl, step)
