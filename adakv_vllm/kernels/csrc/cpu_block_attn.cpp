@@ -7,11 +7,12 @@
 // where the CPU has AVX512-BF16, are multiplied by VDPBF16PS: the products of two bf16 are exact in
 // fp32, so only the order of the sums (pairs of dimensions, then along the head) changes.
 // Work: a prefill chunk lists a block's tokens one after another, so the tokens come in runs of one
-// staging slot; one OpenMP item per run widens that block's keys once (not once per token),
-// transposed so that a query's scores come 16 keys at a time in vector lanes (the query heads of
-// one KV head scored together, sharing each key vector loaded), and computes each token into a
-// scratch row of its own; the rows are then added to `received` in token
-// order, so the result does not depend on the thread count or on how the tokens fall into runs.
+// staging slot; one OpenMP item per run widens that block's keys once (not once per token; for the
+// bf16 dot product it pairs them instead), transposed so that a query's scores come 16 keys at a
+// time in vector lanes (the query heads of one KV head scored together, sharing each key vector
+// loaded), and computes each token into a scratch row of its own; the rows are then added to
+// `received` in token order, so the result does not depend on the thread count or on how the tokens
+// fall into runs.
 
 #include <omp.h>
 
@@ -242,7 +243,8 @@ void run(const BlockAttnArgs& a, int64_t first, int64_t end, float* rows) {
 int block_attention(const BlockAttnArgs& a) {
   if (!a.query || !a.key || !a.received || a.n < 0 || a.head_size <= 0 || a.head_size > kMaxHeadSize || a.head_size % 16 ||
       a.block_size <= 0 || a.block_size > kMaxBlockSize || a.num_kv_heads <= 0 || a.num_heads <= 0 ||
-      a.num_heads % a.num_kv_heads || a.num_heads / a.num_kv_heads > kMaxGroupHeads || (a.dtype != adakv::kF32 && a.dtype != adakv::kBF16 && a.dtype != adakv::kF16))
+      a.num_heads % a.num_kv_heads || a.num_heads / a.num_kv_heads > kMaxGroupHeads ||
+      (a.dtype != adakv::kF32 && a.dtype != adakv::kBF16 && a.dtype != adakv::kF16))
     return kBadArgs;
   for (int64_t i = 0; i < a.n; ++i)
     if (a.rows[i] < 0 || a.rows[i] >= a.num_rows || a.slots[i] < 0 || a.slots[i] >= a.num_slots || a.offsets[i] < 0 ||
