@@ -336,12 +336,12 @@ def gather_scratch(store, layer: int, md: CPUAttentionMetadata, isa: str):
 def _copy_blocks(key, value, blocks, rows, caches, bs: int, isa: str) -> None:
     """caches (key, value) rows rows[i] .. rows[i] + bs = the token rows of block blocks[i] of
     key, value ([N, H, D], block b = rows b * bs .. + bs): one cache-write call mapping each source
-    row to one place, then the occurrences of repeated blocks that lost that place, by index."""
+    row to one place, then the occurrences of repeated blocks that lost any position to another, by index."""
     offsets = torch.arange(bs)
     to = torch.full((key.shape[0],), -1, dtype=torch.int64).view(-1, bs)
-    to[blocks] = rows[:, None] + offsets  # a repeated block keeps one of its occurrences' rows
+    to[blocks] = rows[:, None] + offsets  # a repeated block keeps one occurrence's row per position
     ops.cpu_attn_reshape_and_cache(key, value, *caches, to.view(-1), isa)
-    lost = to[blocks, 0] != rows
+    lost = (to[blocks] != rows[:, None] + offsets).any(1)  # per position: index_put_ picks any writer
     if lost.any():
         source = (blocks[lost, None] * bs + offsets).flatten()
         ops.cpu_attn_reshape_and_cache(
