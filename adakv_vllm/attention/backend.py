@@ -22,6 +22,7 @@ KVStore.observe_attention for all their rows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -136,21 +137,31 @@ class AdaKVAttentionImpl(CPUAttentionBackendImpl):
         if split.decode is None:
             return self._scratch_forward(layer, store, index, query, key, value, attn_metadata, output)
         rows = split.decode_rows
-        out = output[rows] if isinstance(rows, slice) else output.new_empty((rows.numel(), *output.shape[1:]))
-        fused_decode(self._fused, store, index, query[rows], split.decode, self.scale, out)
-        if not isinstance(rows, slice):
-            output[rows] = out
+        with _rows_of(output, rows) as out:
+            fused_decode(self._fused, store, index, query[rows], split.decode, self.scale, out)
         rows = split.prefill_rows
-        out = output[rows] if isinstance(rows, slice) else output.new_empty((rows.numel(), *output.shape[1:]))
-        self._scratch_forward(layer, store, index, query[rows], key[rows], value[rows], split.prefill, out)
-        if not isinstance(rows, slice):
-            output[rows] = out
+        with _rows_of(output, rows) as out:
+            self._scratch_forward(
+                layer, store, index, query[rows], key[rows], value[rows], split.prefill, out
+            )
         return output
 
     def _scratch_forward(self, layer, store, index: int, query, key, value, md, output):
         scratch, block_table = gather_scratch(store, index, md, layer.isa)
         metadata = dataclasses.replace(md, block_table=block_table)
         return super().forward(layer, query, key, value, scratch, metadata, output)
+
+
+@contextlib.contextmanager
+def _rows_of(output: torch.Tensor, rows: slice | torch.Tensor):
+    """A part's output rows to fill: a view of `output` where they are a slice, else a new tensor
+    scattered into `output` on exit."""
+    if isinstance(rows, slice):
+        yield output[rows]
+        return
+    out = output.new_empty((rows.numel(), *output.shape[1:]))
+    yield out
+    output[rows] = out
 
 
 def fused_decode(
